@@ -1,0 +1,157 @@
+"""The ``relay`` command line.
+
+``serve`` runs the relay. ``send-test`` and ``secret`` talk HTTP to a relay or
+to Replicate. Commands that inspect deliveries read the SQLite database
+directly (``--database``), so they work while the relay runs and when it is
+stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+import aiohttp
+import click
+from rich.console import Console
+from rich.table import Table
+
+from relay.config import Config, ConfigError, default_config, load_config
+from relay.lifecycle import encode, new_prediction_id, prediction_lifecycle, signed_headers
+from relay.replicate_api import DEFAULT_API_BASE, ReplicateAPIError, fetch_signing_secret, set_source_secret
+from relay.verify import SecretError, decode_secret
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _load(config_path: str | None) -> Config:
+    try:
+        return load_config(config_path) if config_path else default_config()
+    except ConfigError as exc:
+        raise click.ClickException(f"configuration refused: {exc}") from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="replicate-relay")
+def main() -> None:
+    """replicate-relay: capture, verify, forward, inspect and replay Replicate webhooks."""
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config (default: embedded).")
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+def serve(config_path: str | None, log_level: str) -> None:
+    """Run the ingest listener, the UI/API listener and the forwarder.
+
+    Without --config: ingest on 127.0.0.1:8080 at /webhooks/replicate, UI on
+    127.0.0.1:8081, database relay.db, secret from REPLICATE_WEBHOOK_SECRET
+    when set, no upstream.
+    """
+    config = _load(config_path)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from relay.service import serve as run
+
+    try:
+        asyncio.run(run(config))
+    except OSError as exc:
+        raise click.ClickException(f"cannot start: {exc}") from None
+
+
+@main.command("send-test")
+@click.option(
+    "--url",
+    default="http://127.0.0.1:8080/webhooks/replicate?userId=123&jobId=456",
+    show_default=True,
+    help="The relay's ingest URL (query string included).",
+)
+@click.option(
+    "--secret",
+    envvar="REPLICATE_WEBHOOK_SECRET",
+    help="Signing secret [env REPLICATE_WEBHOOK_SECRET]; without one the webhooks go unsigned.",
+)
+@click.option(
+    "--predictions",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 1000),
+    help="How many prediction lifecycles to send.",
+)
+def send_test(url: str, secret: str | None, predictions: int) -> None:
+    """Send a realistic, signed prediction lifecycle (starting → processing → succeeded) to a relay over HTTP."""
+    try:
+        key = decode_secret(secret) if secret else None
+    except SecretError as exc:
+        raise click.ClickException(f"--secret: {exc}") from None
+    rows = asyncio.run(_send_lifecycles(url, key, predictions))
+    table = Table("prediction", "status", "answer", "delivery")
+    failed = 0
+    for prediction_id, status, answer, delivery in rows:
+        ok = answer.startswith("2")
+        failed += not ok
+        table.add_row(prediction_id, status, f"[{'green' if ok else 'red'}]{answer}[/]", delivery)
+    console.print(table)
+    if not key:
+        err_console.print("[yellow]sent unsigned: pass --secret or set REPLICATE_WEBHOOK_SECRET to sign[/]")
+    if failed:
+        raise click.ClickException(f"{failed} of {len(rows)} webhooks were not accepted")
+
+
+async def _send_lifecycles(url: str, key: bytes | None, count: int) -> list[tuple[str, str, str, str]]:
+    rows = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        for _ in range(count):
+            prediction_id = new_prediction_id()
+            for document in prediction_lifecycle(prediction_id, url):
+                body = encode(document)
+                try:
+                    async with session.post(url, data=body, headers=signed_headers(key, body)) as resp:
+                        payload = await resp.json(content_type=None)
+                        answer = (
+                            f"{resp.status} {payload.get('error', 'received') if isinstance(payload, dict) else ''}"
+                        )
+                        delivery = str(payload.get("delivery", "")) if isinstance(payload, dict) else ""
+                except (aiohttp.ClientError, ValueError) as exc:
+                    raise click.ClickException(f"could not send to {url}: {exc}") from None
+                rows.append((prediction_id, str(document["status"]), answer, delivery))
+    return rows
+
+
+@main.command()
+@click.option(
+    "--api-base",
+    default=DEFAULT_API_BASE,
+    show_default=True,
+    envvar="REPLICATE_API_BASE",
+    help="Replicate API base URL.",
+)
+@click.option(
+    "--write-config",
+    type=click.Path(dir_okay=False, exists=True),
+    help="Write the secret into this config file instead of printing it.",
+)
+@click.option(
+    "--source", default="replicate", show_default=True, help="The [[sources]] entry to set, with --write-config."
+)
+def secret(api_base: str, write_config: str | None, source: str) -> None:
+    """Fetch the account's webhook signing secret from Replicate (needs REPLICATE_API_TOKEN)."""
+    token = os.environ.get("REPLICATE_API_TOKEN", "").strip()
+    if not token:
+        raise click.ClickException("REPLICATE_API_TOKEN is not set; create a token at replicate.com/account")
+    try:
+        key = asyncio.run(fetch_signing_secret(token, api_base))
+        if write_config is None:
+            click.echo(key)
+            return
+        path = Path(write_config)
+        path.write_text(set_source_secret(path.read_text(), source, key))
+    except ReplicateAPIError as exc:
+        raise click.ClickException(str(exc)) from None
+    err_console.print(f"wrote the signing secret into {write_config} (source {source!r})")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

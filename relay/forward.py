@@ -1,0 +1,192 @@
+"""The forwarder: drains the durable outbox to the upstreams, one attempt at a time per row.
+
+State lives only in the database: a row is ``pending`` until an attempt
+settles it, so after a crash or restart every unfinished row is simply due
+again (at-least-once). The in-memory set of rows in flight only stops this
+process from sending the same row twice at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+
+import aiohttp
+
+from relay.config import Config, UpstreamConfig
+from relay.events import EventBus
+from relay.keys import Clock
+from relay.metrics import Metrics
+from relay.model import Attempt, OutboxItem
+from relay.outgoing import build_request
+from relay.policy import DEAD, DELIVERED, FAILED, RETRY, decide
+from relay.sender import send
+from relay.store import Store, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+STATE_FOR_OUTCOME = {DELIVERED: "delivered", FAILED: "failed", DEAD: "dead", RETRY: "pending"}
+STORE_RETRY_SECONDS = 1.0
+
+
+class Forwarder:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        session: aiohttp.ClientSession,
+        metrics: Metrics,
+        events: EventBus,
+        clock: Clock,
+        concurrency: int = 64,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._session = session
+        self._metrics = metrics
+        self._events = events
+        self._clock = clock
+        self._concurrency = concurrency
+        self._rand = rand
+        self._upstreams = tuple(u.name for u in config.upstreams)
+        self._inflight: dict[int, asyncio.Task[None]] = {}
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    def wake(self) -> None:
+        """Look for due rows now (called after every commit)."""
+        self._wakeup.set()
+
+    def start(self) -> None:
+        self._store.writer.add_commit_listener(self.wake)
+        self._task = asyncio.create_task(self._loop(), name="relay-forwarder")
+
+    async def stop(self) -> None:
+        """Stop taking rows; let attempts in flight finish and be recorded."""
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        if self._inflight:
+            await asyncio.gather(*self._inflight.values(), return_exceptions=True)
+
+    async def _loop(self) -> None:
+        while not self._stopping:
+            self._wakeup.clear()
+            now = self._clock()
+            try:
+                free = self._concurrency - len(self._inflight)
+                if free > 0:
+                    items = await self._store.due_outbox(now, self._upstreams, free + len(self._inflight))
+                    for item in items:
+                        if item.outbox_id in self._inflight or len(self._inflight) >= self._concurrency:
+                            continue
+                        task = asyncio.create_task(self._attempt(item), name=f"relay-forward-{item.outbox_id}")
+                        self._inflight[item.outbox_id] = task
+                next_due = await self._store.next_due_after(now, self._upstreams)
+            except StoreUnavailable as exc:
+                log.error("forwarder cannot read the outbox: %s", exc)
+                next_due = now + STORE_RETRY_SECONDS
+            timeout = None if next_due is None else max(next_due - self._clock(), 0.0)
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    async def _attempt(self, item: OutboxItem) -> None:
+        try:
+            await self._attempt_once(item)
+        except StoreUnavailable as exc:
+            # The attempt happened but could not be recorded: the row stays pending and
+            # will be sent again (at-least-once), after a pause so a full disk is not hammered.
+            log.error("delivery %s to %s: result not recorded: %s", item.delivery_id, item.upstream, exc)
+            await asyncio.sleep(STORE_RETRY_SECONDS)
+        except Exception:
+            log.exception("delivery %s to %s: forwarding failed unexpectedly", item.delivery_id, item.upstream)
+            await asyncio.sleep(STORE_RETRY_SECONDS)
+        finally:
+            self._inflight.pop(item.outbox_id, None)
+            self.wake()
+
+    def _sign_key(self, upstream: UpstreamConfig) -> bytes | None:
+        if not upstream.resign:
+            return None
+        secret = upstream.secret or self._config.source(upstream.source).secret
+        return secret.key if secret else None
+
+    async def _attempt_once(self, item: OutboxItem) -> None:
+        upstream = self._config.upstream(item.upstream)
+        if item.already_delivered_as is not None:
+            reason = f"duplicate of delivery {item.already_delivered_as}, which {upstream.name} already acknowledged"
+            log.info("delivery %s to %s: skipped, %s", item.delivery_id, upstream.name, reason)
+            await self._store.settle_outbox(item.outbox_id, "skipped", reason, self._clock())
+            return
+        now = self._clock()
+        request = build_request(
+            method=item.method,
+            target_url=upstream.url,
+            query=item.query,
+            headers=item.headers,
+            body=item.body,
+            delivery_id=item.delivery_id,
+            peer=item.peer,
+            sign_key=self._sign_key(upstream),
+            now=int(now),
+        )
+        result = await send(self._session, request, upstream.timeout_seconds, wall_clock=now)
+        number = item.attempts_made + 1
+        outcome, next_at = decide(
+            result.status, result.header("Retry-After"), number, upstream, self._clock(), self._rand
+        )
+        attempt = Attempt(
+            delivery_id=item.delivery_id,
+            kind="forward",
+            target=request.url,
+            started_at=result.started_at,
+            duration_ms=result.duration_ms,
+            status=result.status,
+            response_headers=result.headers,
+            response_body=result.body,
+            response_truncated=result.truncated,
+            error=result.error,
+            outcome=outcome,
+            upstream=upstream.name,
+            request_headers=request.headers,
+        )
+        note = _note(outcome, number, upstream, result.status, result.error)
+        await self._store.finish_attempt(item.outbox_id, attempt, STATE_FOR_OUTCOME[outcome], next_at, note)
+        self._metrics.attempts.labels(upstream.name, "forward", outcome).inc()
+        self._metrics.attempt_latency.labels(upstream.name).observe(result.duration_ms / 1000)
+        self._events.publish(
+            "attempt",
+            {"delivery": item.delivery_id, "upstream": upstream.name, "outcome": outcome, "status": result.status},
+        )
+        level = logging.INFO if outcome == DELIVERED else logging.WARNING
+        log.log(
+            level,
+            "delivery %s to %s: attempt %d %s (%s)",
+            item.delivery_id,
+            upstream.name,
+            number,
+            outcome,
+            result.status if result.status is not None else result.error,
+        )
+
+
+def _note(outcome: str, number: int, upstream: UpstreamConfig, status: int | None, error: str | None) -> str | None:
+    answer = f"HTTP {status}" if status is not None else (error or "no answer")
+    if outcome == RETRY:
+        return f"attempt {number} of {upstream.max_attempts}: {answer}; retrying"
+    if outcome == DEAD:
+        return f"gave up after {number} attempts; last: {answer}"
+    if outcome == FAILED:
+        return f"{answer} is final (not retried)"
+    return None

@@ -1,0 +1,171 @@
+"""The public ingest listener: capture, verify, commit, then answer.
+
+Replicate does not follow redirects and retries only the final webhook, so
+every answer here is final and deliberate: 200 after a commit, 400 for a bad
+signature (stored all the same), 413, 503 when the commit failed, never 3xx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from relay.config import Config, SourceConfig
+from relay.events import EventBus
+from relay.keys import CLOCK, CONFIG, EVENTS, METRICS, STORE, Clock
+from relay.metrics import Metrics
+from relay.model import Capture, decode_header_bytes
+from relay.policy import plan_forwards
+from relay.prediction import extract, parse_body
+from relay.store import Store, StoreUnavailable
+from relay.verify import HEADER_ID, Verdict, header_value, verify
+
+log = logging.getLogger(__name__)
+
+CHUNK = 64 * 1024
+# How far past the limit an over-size body is read (to report its size) before giving up.
+OVERSIZE_DRAIN = 16 * 1024 * 1024
+SOURCE_KEY = web.AppKey("source_by_path", dict[str, SourceConfig])
+
+
+async def read_body(request: web.Request, limit: int) -> tuple[bytes | None, int]:
+    """Read at most ``limit`` bytes; return (body or None when over, size seen)."""
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        return None, declared
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in request.content.iter_chunked(CHUNK):
+        total += len(chunk)
+        if total > limit:
+            chunks.clear()
+            if total > limit + OVERSIZE_DRAIN:
+                break
+            continue
+        chunks.append(chunk)
+    if total > limit:
+        return None, total
+    return b"".join(chunks), total
+
+
+def json_error(status: int, message: str, **extra: object) -> web.Response:
+    return web.json_response({"error": message, **extra}, status=status)
+
+
+async def capture(request: web.Request, source: SourceConfig, config: Config, now: float) -> Capture:
+    """Turn a request into a Capture with its verdict; pure apart from reading the body."""
+    headers = tuple((decode_header_bytes(k), decode_header_bytes(v)) for k, v in request.raw_headers)
+    body, size = await read_body(request, config.relay.max_body_bytes)
+    key = source.secret.key if source.secret else None
+    if body is None:
+        # The signature covers the body we refused to keep, so it cannot be checked.
+        result = verify(headers, b"", key, source.tolerance_seconds, now)
+        verdict, detail = result.verdict, result.detail
+        if verdict in (Verdict.VERIFIED, Verdict.INVALID_SIGNATURE):
+            verdict = Verdict.INVALID_SIGNATURE
+            detail = (
+                f"not checked: the body ({size} bytes or more) is over max_body_bytes "
+                f"({config.relay.max_body_bytes}) and was not kept"
+            )
+    else:
+        result = verify(headers, body, key, source.tolerance_seconds, now)
+        verdict, detail = result.verdict, result.detail
+    document, body_format = parse_body(body)
+    return Capture(
+        received_at=now,
+        source=source.name,
+        method=request.method,
+        path=request.path,
+        query=request.query_string,
+        headers=headers,
+        body=body,
+        size=size,
+        peer=request.remote,
+        verdict=verdict,
+        verdict_detail=detail,
+        body_sha256=hashlib.sha256(body or b"").hexdigest(),
+        webhook_id=(header_value(headers, HEADER_ID) or "").strip() or None,
+        body_format=body_format,
+        prediction=extract(document),
+    )
+
+
+def make_handler(source: SourceConfig) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        if request.method != "POST":
+            raise web.HTTPMethodNotAllowed(request.method, ["POST"])
+        app = request.app
+        config, store, metrics, events = app[CONFIG], app[STORE], app[METRICS], app[EVENTS]
+        clock: Clock = app[CLOCK]
+        started = asyncio.get_running_loop().time()
+        cap = await capture(request, source, config, clock())
+        plans = plan_forwards(
+            source, config.upstreams_of(source.name), cap.verdict, cap.body is not None, cap.prediction.id
+        )
+        try:
+            delivery_id = await asyncio.wait_for(
+                asyncio.shield(store.record_delivery(cap, plans)), config.relay.commit_timeout_seconds
+            )
+        except (StoreUnavailable, TimeoutError) as exc:
+            log.error("ingest on %s: delivery not stored, answering 503: %s", source.path, exc or "commit timed out")
+            metrics.ingest_refused.labels(source.name, "unavailable").inc()
+            return web.json_response(
+                {"error": "delivery could not be stored; retry later"}, status=503, headers={"Retry-After": "5"}
+            )
+        metrics.deliveries.labels(source.name, cap.verdict.value).inc()
+        metrics.ingest_latency.labels(source.name).observe(asyncio.get_running_loop().time() - started)
+        events.publish("delivery", {"id": delivery_id, "verdict": cap.verdict.value, "source": source.name})
+        if cap.body is None:
+            metrics.ingest_refused.labels(source.name, "too_large").inc()
+            return json_error(413, "body too large", delivery=delivery_id, max_body_bytes=config.relay.max_body_bytes)
+        if cap.verdict.accepted or source.on_invalid == "accept":
+            return web.json_response({"received": True, "delivery": delivery_id})
+        return json_error(400, "invalid signature", delivery=delivery_id)
+
+    return handle
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """200 when the database takes a commit, 503 otherwise (disk full, locked, read-only)."""
+    try:
+        await asyncio.wait_for(request.app[STORE].check_writable(request.app[CLOCK]()), 5.0)
+    except (StoreUnavailable, TimeoutError) as exc:
+        return web.json_response({"ok": False, "error": str(exc) or "database did not answer"}, status=503)
+    return web.json_response({"ok": True})
+
+
+@web.middleware
+async def json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Answer routing errors (404, 405) as JSON like every other ingest answer."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return web.json_response(
+            {"error": exc.reason.lower()},
+            status=exc.status,
+            headers={k: v for k, v in exc.headers.items() if k == "Allow"},
+        )
+
+
+def create_ingest_app(
+    config: Config, store: Store, metrics: Metrics, events: EventBus, clock: Clock
+) -> web.Application:
+    """The public listener's app; every part is passed in, nothing is global."""
+    app = web.Application(middlewares=[json_errors])
+    app[CONFIG] = config
+    app[STORE] = store
+    app[METRICS] = metrics
+    app[EVENTS] = events
+    app[CLOCK] = clock
+    for source in config.sources:
+        app.router.add_route("*", source.path, make_handler(source))
+    app.router.add_get("/healthz", healthz)
+    return app

@@ -1,0 +1,87 @@
+"""The SQLite schema as an ordered list of migrations, tracked in ``PRAGMA user_version``.
+
+Each entry upgrades from version N to N+1 and is applied in its own
+transaction, so a database made by an older relay is brought forward at
+start-up and never half-migrated.
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: deliveries, their outbox rows per upstream, and every attempt made.
+    """
+    CREATE TABLE deliveries (
+        id INTEGER PRIMARY KEY,
+        received_at REAL NOT NULL,
+        source TEXT NOT NULL,
+        method TEXT NOT NULL,
+        path TEXT NOT NULL,
+        query TEXT NOT NULL,
+        headers TEXT NOT NULL,
+        body BLOB,
+        size INTEGER NOT NULL,
+        body_sha256 TEXT NOT NULL,
+        body_format TEXT NOT NULL,
+        peer TEXT,
+        verdict TEXT NOT NULL,
+        verdict_detail TEXT NOT NULL,
+        webhook_id TEXT,
+        prediction_id TEXT,
+        status TEXT,
+        model TEXT,
+        version TEXT,
+        kind TEXT,
+        duplicate_of INTEGER
+    );
+    CREATE INDEX deliveries_webhook_id ON deliveries(webhook_id, body_sha256);
+    CREATE INDEX deliveries_prediction ON deliveries(prediction_id, id);
+    CREATE INDEX deliveries_received ON deliveries(received_at);
+    CREATE INDEX deliveries_verdict ON deliveries(verdict, id);
+    CREATE INDEX deliveries_source ON deliveries(source, id);
+    CREATE INDEX deliveries_status ON deliveries(status, id);
+
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY,
+        delivery_id INTEGER NOT NULL REFERENCES deliveries(id) ON DELETE CASCADE,
+        upstream TEXT NOT NULL,
+        state TEXT NOT NULL,
+        order_key TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL,
+        updated_at REAL NOT NULL,
+        note TEXT,
+        UNIQUE (delivery_id, upstream)
+    );
+    CREATE INDEX outbox_due ON outbox(next_attempt_at) WHERE state = 'pending';
+    CREATE INDEX outbox_order ON outbox(upstream, order_key, id) WHERE state = 'pending';
+    CREATE INDEX outbox_state ON outbox(state, delivery_id);
+
+    CREATE TABLE attempts (
+        id INTEGER PRIMARY KEY,
+        delivery_id INTEGER NOT NULL REFERENCES deliveries(id) ON DELETE CASCADE,
+        upstream TEXT,
+        kind TEXT NOT NULL,
+        target TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        duration_ms REAL NOT NULL,
+        status INTEGER,
+        response_headers TEXT NOT NULL,
+        response_body BLOB NOT NULL,
+        response_truncated INTEGER NOT NULL,
+        error TEXT,
+        outcome TEXT NOT NULL,
+        request_headers TEXT NOT NULL,
+        request_body BLOB
+    );
+    CREATE INDEX attempts_delivery ON attempts(delivery_id, id);
+
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
+)
+
+PRAGMAS = (
+    "PRAGMA journal_mode = WAL",
+    # FULL: a commit is on disk before ingest answers 200, even across power loss.
+    "PRAGMA synchronous = FULL",
+    "PRAGMA foreign_keys = ON",
+)

@@ -1,0 +1,113 @@
+"""Assembling a running relay: storage, client session, forwarder and both listeners.
+
+``relay serve`` and the end-to-end tests use the same :class:`Relay`, so the
+tests exercise the real start-up and shutdown order on real sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from relay.admin import create_admin_app
+from relay.config import Config
+from relay.events import EventBus
+from relay.forward import Forwarder
+from relay.ingest import create_ingest_app
+from relay.keys import Clock
+from relay.metrics import Metrics
+from relay.store import Store
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class Bound:
+    ingest_url: str
+    admin_url: str
+
+
+class Relay:
+    """One relay process's parts, started and stopped in the right order."""
+
+    def __init__(self, config: Config, clock: Clock = time.time, concurrency: int = 64) -> None:
+        self.config = config
+        self.clock = clock
+        self.concurrency = concurrency
+        self.metrics = Metrics()
+        self.events = EventBus()
+        self._runners: list[web.AppRunner] = []
+        self.store: Store | None = None
+        self.session: aiohttp.ClientSession | None = None
+        self.forwarder: Forwarder | None = None
+        self.bound: Bound | None = None
+
+    async def start(self) -> Bound:
+        config = self.config
+        self.store = await Store.open(config.relay.database)
+        try:
+            self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self.concurrency))
+            self.forwarder = Forwarder(
+                config, self.store, self.session, self.metrics, self.events, self.clock, self.concurrency
+            )
+            self.forwarder.start()
+            ingest = create_ingest_app(config, self.store, self.metrics, self.events, self.clock)
+            admin = create_admin_app(config, self.store, self.metrics, self.events, self.clock, self.session)
+            ingest_url = await self._listen(ingest, config.relay.ingest_listen.host, config.relay.ingest_listen.port)
+            admin_url = await self._listen(admin, config.relay.ui_listen.host, config.relay.ui_listen.port)
+        except BaseException:
+            await self.stop()
+            raise
+        self.bound = Bound(ingest_url, admin_url)
+        log.info("ingest listening on %s, UI and API on %s, database %s", ingest_url, admin_url, config.relay.database)
+        return self.bound
+
+    async def _listen(self, app: web.Application, host: str, port: int) -> str:
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
+        await runner.setup()
+        self._runners.append(runner)
+        site = web.TCPSite(runner, host, port, backlog=1024)
+        await site.start()
+        address = runner.addresses[0]
+        host_text = f"[{address[0]}]" if ":" in address[0] else address[0]
+        return f"http://{host_text}:{address[1]}"
+
+    async def stop(self) -> None:
+        """Stop accepting, answer what is in flight, finish attempts, flush the writer."""
+        self.events.close()
+        ingest_runners, self._runners = self._runners, []
+        for runner in ingest_runners:
+            await runner.cleanup()
+        if self.forwarder is not None:
+            await self.forwarder.stop()
+            self.forwarder = None
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+        if self.store is not None:
+            await self.store.close()
+            self.store = None
+
+
+async def serve(config: Config) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    relay = Relay(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await relay.start()
+    try:
+        await stop.wait()
+        log.info("shutting down: finishing requests and attempts in flight")
+    finally:
+        await relay.stop()
+    log.info("stopped")

@@ -1,0 +1,373 @@
+"""The one class that owns the SQLite database: every query the relay needs, by intention.
+
+Writes go through the group-commit :class:`~relay.writer.Writer` on one
+connection; reads use a second connection, which WAL lets run beside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from relay.model import (
+    Attempt,
+    Capture,
+    Delivery,
+    Forwarding,
+    OutboxItem,
+    PlannedForward,
+    PredictionInfo,
+    headers_from_json,
+    headers_to_json,
+)
+from relay.schema import MIGRATIONS, PRAGMAS
+from relay.verify import Verdict
+from relay.writer import StoreUnavailable, WriteOp, Writer
+
+log = logging.getLogger(__name__)
+
+__all__ = ["NotFound", "Store", "StoreUnavailable"]
+
+BUSY_TIMEOUT_SECONDS = 5.0
+
+_INSERT_DELIVERY = """
+INSERT INTO deliveries (id, received_at, source, method, path, query, headers, body, size,
+    body_sha256, body_format, peer, verdict, verdict_detail, webhook_id, prediction_id, status,
+    model, version, kind, duplicate_of)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
+    (SELECT MIN(id) FROM deliveries WHERE webhook_id = ? AND body_sha256 = ?))
+"""
+_INSERT_OUTBOX = """
+INSERT INTO outbox (delivery_id, upstream, state, order_key, next_attempt_at, updated_at, note)
+VALUES (?, ?, ?, ?, ?, ?, ?)
+"""
+_INSERT_ATTEMPT = """
+INSERT INTO attempts (delivery_id, upstream, kind, target, started_at, duration_ms, status,
+    response_headers, response_body, response_truncated, error, outcome, request_headers,
+    request_body)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+_UPDATE_OUTBOX = """
+UPDATE outbox SET state = ?, attempts = attempts + ?, next_attempt_at = ?, updated_at = ?, note = ?
+WHERE id = ?
+"""
+_DUE = """
+SELECT o.id, o.delivery_id, o.upstream, o.attempts, d.method, d.query, d.headers, d.body,
+    d.peer, d.webhook_id,
+    (SELECT d3.id FROM deliveries d3 JOIN outbox o3 ON o3.delivery_id = d3.id
+      WHERE d.duplicate_of IS NOT NULL AND d3.webhook_id = d.webhook_id
+        AND d3.body_sha256 = d.body_sha256 AND d3.id < d.id
+        AND o3.upstream = o.upstream AND o3.state = 'delivered' LIMIT 1)
+FROM outbox o JOIN deliveries d ON d.id = o.delivery_id
+WHERE o.state = 'pending' AND o.next_attempt_at <= ? AND o.upstream IN ({upstreams})
+  AND (o.order_key IS NULL OR NOT EXISTS (
+      SELECT 1 FROM outbox o2 WHERE o2.upstream = o.upstream AND o2.order_key = o.order_key
+        AND o2.state = 'pending' AND o2.id < o.id))
+ORDER BY o.next_attempt_at, o.id
+LIMIT ?
+"""
+_NEXT_DUE = """
+SELECT MIN(o.next_attempt_at) FROM outbox o
+WHERE o.state = 'pending' AND o.next_attempt_at > ? AND o.upstream IN ({upstreams})
+  AND (o.order_key IS NULL OR NOT EXISTS (
+      SELECT 1 FROM outbox o2 WHERE o2.upstream = o.upstream AND o2.order_key = o.order_key
+        AND o2.state = 'pending' AND o2.id < o.id))
+"""
+_DELIVERY_COLUMNS = """id, received_at, source, method, path, query, headers, body, size, peer,
+    verdict, verdict_detail, body_sha256, webhook_id, body_format, prediction_id, status, model,
+    version, kind, duplicate_of"""
+
+
+class NotFound(LookupError):
+    """No row with that id."""
+
+
+def _attempt_params(attempt: Attempt) -> tuple[Any, ...]:
+    return (
+        attempt.delivery_id,
+        attempt.upstream,
+        attempt.kind,
+        attempt.target,
+        attempt.started_at,
+        attempt.duration_ms,
+        attempt.status,
+        headers_to_json(attempt.response_headers),
+        attempt.response_body,
+        int(attempt.response_truncated),
+        attempt.error,
+        attempt.outcome,
+        headers_to_json(attempt.request_headers),
+        attempt.request_body,
+    )
+
+
+def _attempt_from_row(row: Sequence[Any]) -> Attempt:
+    return Attempt(
+        id=row[0],
+        delivery_id=row[1],
+        upstream=row[2],
+        kind=row[3],
+        target=row[4],
+        started_at=row[5],
+        duration_ms=row[6],
+        status=row[7],
+        response_headers=headers_from_json(row[8]),
+        response_body=bytes(row[9]),
+        response_truncated=bool(row[10]),
+        error=row[11],
+        outcome=row[12],
+        request_headers=headers_from_json(row[13]),
+        request_body=None if row[14] is None else bytes(row[14]),
+    )
+
+
+def _delivery_from_row(row: Sequence[Any]) -> Delivery:
+    return Delivery(
+        id=row[0],
+        received_at=row[1],
+        source=row[2],
+        method=row[3],
+        path=row[4],
+        query=row[5],
+        headers=headers_from_json(row[6]),
+        body=None if row[7] is None else bytes(row[7]),
+        size=row[8],
+        peer=row[9],
+        verdict=Verdict(row[10]),
+        verdict_detail=row[11],
+        body_sha256=row[12],
+        webhook_id=row[13],
+        body_format=row[14],
+        prediction=PredictionInfo(id=row[15], status=row[16], model=row[17], version=row[18], kind=row[19]),
+        duplicate_of=row[20],
+    )
+
+
+class Store:
+    """SQLite storage for deliveries, the outbox and attempts."""
+
+    def __init__(self, path: str, writer_conn: aiosqlite.Connection, reader: aiosqlite.Connection) -> None:
+        self.path = path
+        self._wconn = writer_conn
+        self._reader = reader
+        self.writer = Writer(writer_conn, self._next_delivery_id)
+
+    @classmethod
+    async def open(cls, path: str | Path) -> Store:
+        """Open (creating or migrating) the database and start the writer."""
+        path = str(path)
+        wconn = await aiosqlite.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_SECONDS)
+        try:
+            await cls._migrate(wconn)
+            reader = await aiosqlite.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_SECONDS)
+        except BaseException:
+            await wconn.close()
+            raise
+        await reader.execute("PRAGMA query_only = ON")
+        store = cls(path, wconn, reader)
+        store.writer.start()
+        return store
+
+    @staticmethod
+    async def _migrate(conn: aiosqlite.Connection) -> None:
+        async with conn.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        version = int(row[0]) if row else 0
+        if version > len(MIGRATIONS):
+            raise RuntimeError(
+                f"database schema version {version} is newer than this relay knows "
+                f"({len(MIGRATIONS)}); upgrade replicate-relay"
+            )
+        if version == 0:
+            # Must precede the first table: lets prune give pages back to the disk.
+            await conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        for pragma in PRAGMAS:
+            await conn.execute(pragma)
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            log.info("migrating database to schema version %d", number)
+            statements = [s.strip() for s in script.split(";") if s.strip()]
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in statements:
+                    await conn.execute(statement)
+                await conn.execute(f"PRAGMA user_version = {number}")
+                await conn.commit()
+            except BaseException:
+                await conn.rollback()
+                raise
+
+    async def close(self) -> None:
+        await self.writer.stop()
+        await self._reader.close()
+        await self._wconn.close()
+
+    @staticmethod
+    async def _next_delivery_id(conn: aiosqlite.Connection) -> int:
+        async with conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM deliveries") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 1
+
+    # --- writes -------------------------------------------------------------------
+
+    async def record_delivery(self, capture: Capture, forwards: Iterable[PlannedForward]) -> int:
+        """Store a delivery with its outbox rows; returns its id once committed."""
+        forwards = tuple(forwards)
+        c = capture
+        p = c.prediction
+
+        def rows(delivery_id: int) -> list[tuple[str, Sequence[Any]]]:
+            out: list[tuple[str, Sequence[Any]]] = [
+                (
+                    _INSERT_DELIVERY,
+                    (
+                        delivery_id,
+                        c.received_at,
+                        c.source,
+                        c.method,
+                        c.path,
+                        c.query,
+                        headers_to_json(c.headers),
+                        c.body,
+                        c.size,
+                        c.body_sha256,
+                        c.body_format,
+                        c.peer,
+                        c.verdict.value,
+                        c.verdict_detail,
+                        c.webhook_id,
+                        p.id,
+                        p.status,
+                        p.model,
+                        p.version,
+                        p.kind,
+                        c.webhook_id,
+                        c.body_sha256,
+                    ),
+                )
+            ]
+            for f in forwards:
+                due = c.received_at if f.state == "pending" else None
+                out.append(
+                    (_INSERT_OUTBOX, (delivery_id, f.upstream, f.state, f.order_key, due, c.received_at, f.note))
+                )
+            return out
+
+        result = await self.writer.submit(WriteOp[int](with_id=rows))
+        assert result is not None
+        return result
+
+    async def finish_attempt(
+        self, outbox_id: int, attempt: Attempt, state: str, next_attempt_at: float | None, note: str | None
+    ) -> None:
+        """Record a forwarding attempt and move its outbox row on, in one commit."""
+        await self.writer.submit(
+            WriteOp[None](
+                rows=[
+                    (_INSERT_ATTEMPT, _attempt_params(attempt)),
+                    (_UPDATE_OUTBOX, (state, 1, next_attempt_at, attempt.started_at, note, outbox_id)),
+                ]
+            )
+        )
+
+    async def settle_outbox(self, outbox_id: int, state: str, note: str, now: float) -> None:
+        """Close an outbox row without an attempt (e.g. a duplicate already delivered)."""
+        await self.writer.submit(WriteOp[None](rows=[(_UPDATE_OUTBOX, (state, 0, None, now, note, outbox_id))]))
+
+    async def record_attempt(self, attempt: Attempt) -> int:
+        """Record an attempt outside the outbox (replay, connect); returns its id."""
+
+        async def run(conn: aiosqlite.Connection) -> int:
+            cursor = await conn.execute(_INSERT_ATTEMPT, _attempt_params(attempt))
+            return int(cursor.lastrowid or 0)
+
+        result = await self.writer.submit(WriteOp[int](run=run))
+        assert result is not None
+        return result
+
+    async def check_writable(self, now: float) -> None:
+        """Commit a heartbeat row; raises StoreUnavailable when the disk refuses it."""
+        await self.writer.submit(
+            WriteOp[None](rows=[("INSERT OR REPLACE INTO meta (key, value) VALUES ('healthz', ?)", (str(now),))])
+        )
+
+    # --- reads ----------------------------------------------------------------------
+
+    async def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        try:
+            return list(await self._reader.execute_fetchall(sql, params))
+        except sqlite3.OperationalError as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    async def due_outbox(self, now: float, upstreams: Sequence[str], limit: int) -> list[OutboxItem]:
+        """Pending rows due by ``now`` whose earlier events to the same upstream are settled."""
+        if not upstreams:
+            return []
+        sql = _DUE.format(upstreams=", ".join("?" * len(upstreams)))
+        rows = await self._fetchall(sql, (now, *upstreams, limit))
+        return [
+            OutboxItem(
+                outbox_id=r[0],
+                delivery_id=r[1],
+                upstream=r[2],
+                attempts_made=r[3],
+                method=r[4],
+                query=r[5],
+                headers=headers_from_json(r[6]),
+                body=bytes(r[7] or b""),
+                peer=r[8],
+                webhook_id=r[9],
+                already_delivered_as=r[10],
+            )
+            for r in rows
+        ]
+
+    async def next_due_after(self, now: float, upstreams: Sequence[str]) -> float | None:
+        """When the next sendable row (not held back by ordering) becomes due after ``now``."""
+        if not upstreams:
+            return None
+        sql = _NEXT_DUE.format(upstreams=", ".join("?" * len(upstreams)))
+        rows = await self._fetchall(sql, (now, *upstreams))
+        return rows[0][0] if rows and rows[0][0] is not None else None
+
+    async def get_delivery(self, delivery_id: int) -> Delivery:
+        rows = await self._fetchall(f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE id = ?", (delivery_id,))
+        if not rows:
+            raise NotFound(f"no delivery {delivery_id}")
+        delivery = _delivery_from_row(rows[0])
+        outbox = await self._fetchall(
+            "SELECT upstream, state, attempts, next_attempt_at, note FROM outbox WHERE delivery_id = ? ORDER BY id",
+            (delivery_id,),
+        )
+        attempt_rows = await self._fetchall(
+            "SELECT id, delivery_id, upstream, kind, target, started_at, duration_ms, status, "
+            "response_headers, response_body, response_truncated, error, outcome, request_headers, "
+            "request_body FROM attempts WHERE delivery_id = ? ORDER BY id",
+            (delivery_id,),
+        )
+        attempts = [_attempt_from_row(r) for r in attempt_rows]
+        forwarding = tuple(
+            Forwarding(
+                upstream=r[0],
+                state=r[1],
+                attempts_made=r[2],
+                next_attempt_at=r[3],
+                note=r[4],
+                attempts=tuple(a for a in attempts if a.kind == "forward" and a.upstream == r[0]),
+            )
+            for r in outbox
+        )
+        replays = tuple(a for a in attempts if a.kind != "forward")
+        return Delivery(**{**delivery.__dict__, "forwarding": forwarding, "replays": replays})
+
+    async def count_deliveries(self) -> int:
+        rows = await self._fetchall("SELECT COUNT(*) FROM deliveries")
+        return int(rows[0][0])
+
+    async def outbox_states(self) -> dict[str, int]:
+        rows = await self._fetchall("SELECT state, COUNT(*) FROM outbox GROUP BY state")
+        return {str(r[0]): int(r[1]) for r in rows}
