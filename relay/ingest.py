@@ -80,7 +80,7 @@ async def capture(request: web.Request, source: SourceConfig, config: Config, no
         source=source.name,
         method=request.method,
         path=request.path,
-        query=request.query_string,
+        query=request.raw_path.partition("?")[2].partition("#")[0],  # raw, not decoded
         headers=headers,
         body=body,
         size=size,

@@ -1,0 +1,146 @@
+"""Test helpers in one place: signing, configs, scripted upstreams, waiting on conditions."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from relay.config import Config, parse_config
+from relay.lifecycle import encode, prediction_lifecycle, signed_headers
+from relay.verify import decode_secret
+
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+OTHER_SECRET = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD"
+KEY = decode_secret(SECRET)
+
+
+def make_config(
+    database: str,
+    *,
+    upstreams: list[dict[str, Any]] | None = None,
+    source: dict[str, Any] | None = None,
+    relay: dict[str, Any] | None = None,
+) -> Config:
+    """A config on ephemeral ports; the source is signed with SECRET unless overridden."""
+    src = {"name": "replicate", "path": "/webhooks/replicate", "secret": SECRET, **(source or {})}
+    src = {k: v for k, v in src.items() if v is not None}
+    ups = [
+        {"name": f"up{i}", "source": "replicate", "retry_base_seconds": 0.05, "retry_max_seconds": 0.2, **u}
+        for i, u in enumerate(upstreams or [])
+    ]
+    relay_table = {"database": database, "ingest_listen": "127.0.0.1:0", "ui_listen": "127.0.0.1:0", **(relay or {})}
+    return parse_config({"relay": relay_table, "sources": [src], "upstreams": ups}, env={})
+
+
+def signed(
+    body: bytes, *, key: bytes | None = KEY, msg_id: str | None = None, timestamp: int | None = None
+) -> dict[str, str]:
+    return signed_headers(key, body, msg_id=msg_id, timestamp=timestamp)
+
+
+def lifecycle_bodies(prediction_id: str = "pred123", url: str = "http://relay/webhooks/replicate") -> list[bytes]:
+    return [encode(doc) for doc in prediction_lifecycle(prediction_id, url, now=1_700_000_000)]
+
+
+async def wait_until(
+    condition: Callable[[], Awaitable[bool]] | Callable[[], bool], timeout: float = 10.0, interval: float = 0.02
+) -> None:
+    """Poll a condition until it holds or the deadline passes (then fail loudly)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(interval)
+
+
+@dataclass
+class Received:
+    method: str
+    path_qs: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    at: float
+
+
+@dataclass
+class ScriptedUpstream:
+    """A real aiohttp server whose answers follow a script; it records every request.
+
+    ``script`` items are a status code, a (status, headers) pair, or an async
+    callable taking the request and returning a response. After the script
+    runs out, ``then`` is answered.
+    """
+
+    script: list[Any] = field(default_factory=list)
+    then: int = 200
+    received: list[Received] = field(default_factory=list)
+    url: str = ""
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.received.append(
+            Received(
+                request.method,
+                request.path_qs,
+                [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers],
+                body,
+                time.time(),
+            )
+        )
+        step = self.script.pop(0) if self.script else self.then
+        if callable(step):
+            return await step(request)
+        if isinstance(step, tuple):
+            return web.Response(status=step[0], headers=step[1], text="scripted")
+        return web.Response(status=step, text=f"answer {step}")
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        return app
+
+
+async def raw_request(base_url: str, raw_head: bytes, body: bytes = b"") -> tuple[int, bytes]:
+    """Send bytes as written (duplicate headers, odd case) and return (status, response body).
+
+    Client libraries normalise headers; the relay's promise is about what
+    arrives on the wire, so some tests must write the wire themselves.
+    """
+    from yarl import URL
+
+    url = URL(base_url)
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        writer.write(raw_head + body)
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    head, _, payload = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), payload
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def relay_command(*args: str) -> list[str]:
+    """The real CLI, as a user runs it (the installed console script's module)."""
+    import sys
+
+    return [sys.executable, "-m", "relay", *args]
