@@ -11,6 +11,7 @@ from aiohttp.test_utils import TestServer
 
 from relay.config import Config
 from relay.service import Relay
+
 from support import ScriptedUpstream, make_config
 
 

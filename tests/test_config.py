@@ -203,8 +203,11 @@ def test_empty_file_is_a_valid_config(tmp_path):
 
 
 def test_secret_env_is_read_from_the_given_mapping_not_os_environ(tmp_path, monkeypatch):
-    monkeypatch.setenv("REPLICATE_WEBHOOK_SECRET", "whsec_" + base64.b64encode(b"os").decode())
+    monkeypatch.setenv("MY_SECRET", "whsec_" + base64.b64encode(b"from os.environ").decode())
     text = MINIMAL_SOURCE + 'secret_env = "MY_SECRET"\n'
+    # set only in os.environ, not in the mapping given: treated as unset
+    message = refuse(tmp_path, text, {})
+    assert names_key(message, "sources[0].secret_env"), message
     config = load_config(write(tmp_path, text), {"MY_SECRET": f"  {SOURCE_SECRET}\n"})
     secret = config.sources[0].secret
     assert secret is not None

@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import time
 import sqlite3
+import time
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from relay.service import Relay
+
 from support import KEY, OTHER_SECRET, SECRET, lifecycle_bodies, make_config, raw_request, signed
 
 VECTOR_BODY = b'{"test": 2432232314}'
