@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -142,10 +143,20 @@ def _positive_number(key: str, value: Any) -> float:
 def _listen(key: str, value: Any) -> Listen:
     text = _string(key, value)
     host, sep, port = text.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
+    if not sep or not _valid_host(host, bracketed) or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise ConfigError(f"{key}: expected 'host:port' such as '127.0.0.1:8080', got {value!r}")
     return Listen(host, int(port))
+
+
+def _valid_host(host: str, bracketed: bool) -> bool:
+    """An IP address (IPv6 only in brackets) or a DNS name."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return bool(re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", host)) and not bracketed
+    return bracketed == (address.version == 6)
 
 
 def _path(key: str, value: Any) -> str:

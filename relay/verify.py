@@ -137,12 +137,11 @@ def verify(
             "missing or empty header" + ("s " if len(missing) > 1 else " ") + ", ".join(missing),
         )
     msg_id, raw_ts, sig_header = values[HEADER_ID], values[HEADER_TIMESTAMP], values[HEADER_SIGNATURE]
-    try:
-        timestamp = int(raw_ts, 10)
-    except ValueError:
+    if not (raw_ts.isascii() and raw_ts.isdigit()):
         return Verification(
             Verdict.BAD_TIMESTAMP, f"webhook-timestamp {raw_ts[:40]!r} is not an integer number of seconds"
         )
+    timestamp = int(raw_ts)
     matched, offered, versions = _signature_matches(key, msg_id, raw_ts, body, sig_header)
     skew = int(now) - timestamp
     also = "the signature itself matches" if matched else "the signature does not match either"

@@ -561,3 +561,14 @@ def test_default_config_with_undecodable_secret_refuses():
         default_config({"REPLICATE_WEBHOOK_SECRET": "whsec_not base64!"})
     assert names_key(str(info.value), "sources[0].secret_env")
     assert "bad_secret" in str(info.value)
+
+
+@pytest.mark.parametrize("value", ["::1", "a b:80", "127.0.0.1:٨٠", "[127.0.0.1]:80"])
+def test_listen_without_valid_host_port_is_refused(value):
+    with pytest.raises(ConfigError, match=r"^relay\.ingest_listen:"):
+        parse_config({"relay": {"ingest_listen": value}}, {})
+
+
+def test_ipv6_listen_in_brackets_is_accepted():
+    config = parse_config({"relay": {"ingest_listen": "[::1]:8080"}}, {})
+    assert config.relay.ingest_listen.host == "::1" and config.relay.ingest_listen.is_loopback

@@ -433,3 +433,10 @@ def test_property_changing_the_timestamp_breaks_it(key, msg_id, ts, delta, body)
     # and against the original clock it is never verified either
     later = verify(headers(msg_id, ts + delta, sig), body, key, TOLERANCE, ts)
     assert later.verdict is not Verdict.VERIFIED
+
+
+@pytest.mark.parametrize("raw", ["1_700_000_000", "+1700000000", "١٧٠٠٠٠٠٠٠٠", "-5"])
+def test_timestamps_that_python_would_parse_but_are_not_plain_digits_are_bad(raw):
+    key = decode_secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+    hdrs = [("webhook-id", "m"), ("webhook-timestamp", raw), ("webhook-signature", sign(key, "m", raw, b"x"))]
+    assert verify(hdrs, b"x", key, 300, 1_700_000_000).verdict is Verdict.BAD_TIMESTAMP
