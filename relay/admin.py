@@ -1,35 +1,64 @@
-"""The admin listener: JSON API, UI and metrics (loopback by default)."""
+"""The admin listener: JSON API, browser UI and metrics, behind the checks of relay.auth."""
 
 from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
 
+from relay import api, ui
+from relay.auth import is_api_path, security, set_security_headers
 from relay.config import Config
 from relay.events import EventBus
+from relay.filters import FilterError
 from relay.ingest import healthz
 from relay.keys import CLOCK, CONFIG, EVENTS, METRICS, SESSION, STORE, Clock
 from relay.metrics import Metrics
-from relay.store import Store
+from relay.store import NotFound, Store, StoreUnavailable
+
+log = logging.getLogger(__name__)
 
 
-async def metrics_handler(request: web.Request) -> web.Response:
-    metrics = request.app[METRICS]
-    for state, count in (await request.app[STORE].outbox_states()).items():
-        metrics.outbox_depth.labels(state).set(count)
-    return web.Response(body=metrics.render(), content_type="text/plain", charset="utf-8")
+@web.middleware
+async def errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """The one place domain errors become answers: JSON for the API, a page for the UI."""
+    try:
+        return await handler(request)
+    except NotFound as exc:
+        status, message, extra = 404, str(exc), {}
+    except FilterError as exc:
+        status, message, extra = 400, str(exc), {"param": exc.param}
+    except StoreUnavailable as exc:
+        log.error("admin %s %s: database unavailable: %s", request.method, request.path, exc)
+        status, message, extra = 503, "database unavailable", {}
+    except web.HTTPException as exc:
+        if exc.status < 400 or not is_api_path(request.path):
+            raise
+        if exc.content_type == "application/json":
+            raise
+        status, message, extra = exc.status, exc.reason.lower(), {}
+    if is_api_path(request.path):
+        return web.json_response({"error": message, **extra}, status=status)
+    return ui.render_page(request, "error.html", {"status": status, "message": message}, status)
 
 
 def create_admin_app(
     config: Config, store: Store, metrics: Metrics, events: EventBus, clock: Clock, session: aiohttp.ClientSession
 ) -> web.Application:
-    app = web.Application()
+    """The admin listener's app; every part is passed in, nothing is global."""
+    app = web.Application(middlewares=[security, errors])
     app[CONFIG] = config
     app[STORE] = store
     app[METRICS] = metrics
     app[EVENTS] = events
     app[CLOCK] = clock
     app[SESSION] = session
+    app.on_response_prepare.append(set_security_headers)
     app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics_handler)
+    api.add_routes(app)
+    ui.add_routes(app)
     return app

@@ -146,3 +146,20 @@ class OutboxItem:
     peer: str | None
     webhook_id: str | None
     already_delivered_as: int | None  # an earlier identical delivery this upstream acknowledged
+
+
+@dataclass(frozen=True)
+class DeliverySummary:
+    """A row of the deliveries list: enough to scan, without bodies and attempts."""
+
+    id: int
+    received_at: float
+    source: str
+    verdict: Verdict
+    verdict_detail: str
+    prediction: PredictionInfo
+    size: int
+    body_format: str
+    duplicate_of: int | None
+    webhook_id: str | None
+    forwarding: tuple[tuple[str, str], ...]  # (upstream, state)

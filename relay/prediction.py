@@ -51,3 +51,27 @@ def extract(document: Any) -> PredictionInfo:
         version=_text(document.get("version")),
         kind=kind if _text(document.get("id")) else None,
     )
+
+
+def infer_events(documents: list[Any]) -> list[str]:
+    """Name the webhook event of each body of one prediction, in arrival order.
+
+    Replicate does not send the event type; it follows from the status and
+    from what changed since the previous body: ``start``, ``output``, ``logs``
+    or ``completed``.
+    """
+    events: list[str] = []
+    previous: dict[str, Any] = {}
+    for document in documents:
+        doc = document if isinstance(document, dict) else {}
+        status = doc.get("status")
+        if status in TERMINAL_STATUSES:
+            events.append("completed")
+        elif status == "starting":
+            events.append("start")
+        elif doc.get("output") is not None and doc.get("output") != previous.get("output"):
+            events.append("output")
+        else:
+            events.append("logs")
+        previous = doc
+    return events

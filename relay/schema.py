@@ -77,6 +77,17 @@ MIGRATIONS: tuple[str, ...] = (
 
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+    # 2: full-text search over bodies (external content: the text is not stored twice).
+    """
+    CREATE VIRTUAL TABLE deliveries_fts USING fts5(body, content='deliveries', content_rowid='id');
+    CREATE TRIGGER deliveries_fts_insert AFTER INSERT ON deliveries WHEN new.body IS NOT NULL BEGIN
+        INSERT INTO deliveries_fts (rowid, body) VALUES (new.id, CAST(new.body AS TEXT));
+    END;
+    CREATE TRIGGER deliveries_fts_delete AFTER DELETE ON deliveries WHEN old.body IS NOT NULL BEGIN
+        INSERT INTO deliveries_fts (deliveries_fts, rowid, body) VALUES ('delete', old.id, CAST(old.body AS TEXT));
+    END;
+    INSERT INTO deliveries_fts (rowid, body) SELECT id, CAST(body AS TEXT) FROM deliveries WHERE body IS NOT NULL;
+    """,
 )
 
 PRAGMAS = (
@@ -85,3 +96,18 @@ PRAGMAS = (
     "PRAGMA synchronous = FULL",
     "PRAGMA foreign_keys = ON",
 )
+
+
+def split_statements(script: str) -> list[str]:
+    """Split a migration into statements, keeping trigger bodies (with inner ';') whole."""
+    import sqlite3
+
+    statements: list[str] = []
+    pending = ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                statements.append(pending.strip())
+            pending = ""
+    return statements

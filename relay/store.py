@@ -14,10 +14,12 @@ from typing import Any
 
 import aiosqlite
 
+from relay.filters import DeliveryFilter, fts_phrase
 from relay.model import (
     Attempt,
     Capture,
     Delivery,
+    DeliverySummary,
     Forwarding,
     OutboxItem,
     PlannedForward,
@@ -25,7 +27,7 @@ from relay.model import (
     headers_from_json,
     headers_to_json,
 )
-from relay.schema import MIGRATIONS, PRAGMAS
+from relay.schema import MIGRATIONS, PRAGMAS, split_statements
 from relay.verify import Verdict
 from relay.writer import StoreUnavailable, WriteOp, Writer
 
@@ -81,6 +83,50 @@ WHERE o.state = 'pending' AND o.next_attempt_at > ? AND o.upstream IN ({upstream
 _DELIVERY_COLUMNS = """id, received_at, source, method, path, query, headers, body, size, peer,
     verdict, verdict_detail, body_sha256, webhook_id, body_format, prediction_id, status, model,
     version, kind, duplicate_of"""
+
+
+_ATTEMPT_COLUMNS = """id, delivery_id, upstream, kind, target, started_at, duration_ms, status,
+    response_headers, response_body, response_truncated, error, outcome, request_headers, request_body"""
+
+
+def _filter_sql(f: DeliveryFilter) -> tuple[str, list[Any]]:
+    """WHERE clause and parameters for a list filter (all values bound, never interpolated)."""
+    clauses = ["1 = 1"]
+    params: list[Any] = []
+    for column, value in (
+        ("d.source", f.source),
+        ("d.verdict", f.verdict),
+        ("d.prediction_id", f.prediction),
+        ("d.status", f.status),
+    ):
+        if value is not None:
+            clauses.append(f"{column} = ?")
+            params.append(value)
+    if f.state is not None or f.upstream is not None:
+        sub = "SELECT 1 FROM outbox o WHERE o.delivery_id = d.id"
+        if f.state is not None:
+            sub += " AND o.state = ?"
+            params.append(f.state)
+        if f.upstream is not None:
+            sub += " AND o.upstream = ?"
+            params.append(f.upstream)
+        clauses.append(f"EXISTS ({sub})")
+    if f.q:
+        clauses.append("d.id IN (SELECT rowid FROM deliveries_fts WHERE deliveries_fts MATCH ?)")
+        params.append(fts_phrase(f.q))
+    if f.since is not None:
+        clauses.append("d.received_at >= ?")
+        params.append(f.since)
+    if f.until is not None:
+        clauses.append("d.received_at <= ?")
+        params.append(f.until)
+    if f.before is not None:
+        clauses.append("d.id < ?")
+        params.append(f.before)
+    if f.after is not None:
+        clauses.append("d.id > ?")
+        params.append(f.after)
+    return " AND ".join(clauses), params
 
 
 class NotFound(LookupError):
@@ -190,7 +236,7 @@ class Store:
             await conn.execute(pragma)
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
             log.info("migrating database to schema version %d", number)
-            statements = [s.strip() for s in script.split(";") if s.strip()]
+            statements = split_statements(script)
             await conn.execute("BEGIN IMMEDIATE")
             try:
                 for statement in statements:
@@ -344,10 +390,7 @@ class Store:
             (delivery_id,),
         )
         attempt_rows = await self._fetchall(
-            "SELECT id, delivery_id, upstream, kind, target, started_at, duration_ms, status, "
-            "response_headers, response_body, response_truncated, error, outcome, request_headers, "
-            "request_body FROM attempts WHERE delivery_id = ? ORDER BY id",
-            (delivery_id,),
+            f"SELECT {_ATTEMPT_COLUMNS} FROM attempts WHERE delivery_id = ? ORDER BY id", (delivery_id,)
         )
         attempts = [_attempt_from_row(r) for r in attempt_rows]
         forwarding = tuple(
@@ -363,6 +406,72 @@ class Store:
         )
         replays = tuple(a for a in attempts if a.kind != "forward")
         return Delivery(**{**delivery.__dict__, "forwarding": forwarding, "replays": replays})
+
+    async def list_deliveries(self, f: DeliveryFilter) -> tuple[list[DeliverySummary], int | None]:
+        """Newest first, keyset-paginated: returns the page and the ``before`` cursor of the next."""
+        where, params = _filter_sql(f)
+        rows = await self._fetchall(
+            f"""SELECT d.id, d.received_at, d.source, d.verdict, d.verdict_detail, d.prediction_id, d.status,
+                d.model, d.version, d.kind, d.size, d.body_format, d.duplicate_of, d.webhook_id,
+                (SELECT group_concat(o.upstream || '=' || o.state, char(31)) FROM outbox o
+                  WHERE o.delivery_id = d.id)
+            FROM deliveries d WHERE {where} ORDER BY d.id DESC LIMIT ?""",
+            (*params, f.limit + 1),
+        )
+        page = [
+            DeliverySummary(
+                id=r[0],
+                received_at=r[1],
+                source=r[2],
+                verdict=Verdict(r[3]),
+                verdict_detail=r[4],
+                prediction=PredictionInfo(id=r[5], status=r[6], model=r[7], version=r[8], kind=r[9]),
+                size=r[10],
+                body_format=r[11],
+                duplicate_of=r[12],
+                webhook_id=r[13],
+                forwarding=tuple(tuple(x.split("=", 1)) for x in (r[14] or "").split("\x1f") if x),
+            )
+            for r in rows[: f.limit]
+        ]
+        return page, (page[-1].id if len(rows) > f.limit else None)
+
+    async def delivery_ids(self, f: DeliveryFilter, cap: int) -> list[int]:
+        """Ids matching a filter, oldest first (bulk replay keeps the original order)."""
+        where, params = _filter_sql(f)
+        rows = await self._fetchall(
+            f"SELECT d.id FROM deliveries d WHERE {where} ORDER BY d.id LIMIT ?", (*params, cap)
+        )
+        return [int(r[0]) for r in rows]
+
+    async def prediction_deliveries(self, prediction_id: str, cap: int = 1000) -> list[Delivery]:
+        """Every delivery of one prediction, in arrival order, with forwarding state."""
+        rows = await self._fetchall(
+            "SELECT id FROM deliveries WHERE prediction_id = ? ORDER BY id LIMIT ?", (prediction_id, cap)
+        )
+        return [await self.get_delivery(int(r[0])) for r in rows]
+
+    async def previous_of_prediction(self, delivery: Delivery) -> int | None:
+        """The delivery of the same prediction received just before this one."""
+        if not delivery.prediction.id:
+            return None
+        rows = await self._fetchall(
+            "SELECT MAX(id) FROM deliveries WHERE prediction_id = ? AND id < ?", (delivery.prediction.id, delivery.id)
+        )
+        return rows[0][0] if rows and rows[0][0] is not None else None
+
+    async def get_attempt(self, attempt_id: int) -> Attempt:
+        rows = await self._fetchall(f"SELECT {_ATTEMPT_COLUMNS} FROM attempts WHERE id = ?", (attempt_id,))
+        if not rows:
+            raise NotFound(f"no attempt {attempt_id}")
+        return _attempt_from_row(rows[0])
+
+    async def previous_attempt(self, attempt: Attempt) -> int | None:
+        """The attempt before this one for the same delivery and target kind (for response diffs)."""
+        rows = await self._fetchall(
+            "SELECT MAX(id) FROM attempts WHERE delivery_id = ? AND id < ?", (attempt.delivery_id, attempt.id)
+        )
+        return rows[0][0] if rows and rows[0][0] is not None else None
 
     async def count_deliveries(self) -> int:
         rows = await self._fetchall("SELECT COUNT(*) FROM deliveries")

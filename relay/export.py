@@ -1,0 +1,44 @@
+"""Exporting a stored delivery: a curl command that reproduces it byte for byte (pure).
+
+The body goes through ``printf '%s'`` with POSIX single quotes, which carry
+any byte but NUL unchanged; bodies with NUL or invalid UTF-8 go through
+``base64 -d`` instead, so the command stays exact for any body.
+"""
+
+from __future__ import annotations
+
+import base64
+
+from relay.outgoing import OutgoingRequest
+
+CURL_DEFAULT_HEADERS = ("Content-Type", "User-Agent", "Accept", "Expect")
+
+
+def shell_quote(text: str) -> str:
+    """POSIX single-quoting (shlex.quote leaves some strings bare; we always quote)."""
+    return "'" + text.replace("'", "'\"'\"'") + "'"
+
+
+def curl_command(request: OutgoingRequest) -> str:
+    """A curl command line sending exactly this request."""
+    lines = [f"curl -sS -X {request.method} {shell_quote(request.url)}"]
+    for name, value in request.headers:
+        lines.append(f"  -H {shell_quote(f'{name}: {value}')}")
+    # Empty -H removes a header curl would otherwise add on its own.
+    present = {name.lower() for name, _ in request.headers}
+    for default in CURL_DEFAULT_HEADERS:
+        if default.lower() not in present:
+            lines.append(f"  -H '{default}:'")
+    lines.append("  --data-binary @-")
+    command = " \\\n".join(lines)
+    body = request.body
+    try:
+        text = body.decode("utf-8")
+        printable = "\x00" not in text
+    except UnicodeDecodeError:
+        printable = False
+    if printable:
+        feeder = f"printf '%s' {shell_quote(text)}"
+    else:
+        feeder = f"printf '%s' {shell_quote(base64.b64encode(body).decode())} | base64 -d"
+    return f"{feeder} | {command}\n"
