@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
@@ -14,8 +14,9 @@ from relay.config import Config
 from relay.events import EventBus
 from relay.filters import FilterError
 from relay.ingest import healthz
-from relay.keys import CLOCK, CONFIG, EVENTS, METRICS, SESSION, STORE, Clock
+from relay.keys import BULK, CLOCK, CONFIG, EVENTS, METRICS, SESSION, STORE, Clock
 from relay.metrics import Metrics
+from relay.replay import BulkReplays, ReplayError
 from relay.store import NotFound, Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,8 @@ async def errors(
         status, message, extra = 404, str(exc), {}
     except FilterError as exc:
         status, message, extra = 400, str(exc), {"param": exc.param}
+    except ReplayError as exc:
+        status, message, extra = 400, str(exc), {}
     except StoreUnavailable as exc:
         log.error("admin %s %s: database unavailable: %s", request.method, request.path, exc)
         status, message, extra = 503, "database unavailable", {}
@@ -46,6 +49,13 @@ async def errors(
     return ui.render_page(request, "error.html", {"status": status, "message": message}, status)
 
 
+async def bulk_replays(app: web.Application) -> AsyncIterator[None]:
+    """Bulk replay jobs live as long as the admin app; cancelled at shutdown."""
+    app[BULK] = BulkReplays(app[STORE], app[SESSION], app[CONFIG], app[CLOCK], app[EVENTS])
+    yield
+    await app[BULK].close()
+
+
 def create_admin_app(
     config: Config, store: Store, metrics: Metrics, events: EventBus, clock: Clock, session: aiohttp.ClientSession
 ) -> web.Application:
@@ -58,6 +68,7 @@ def create_admin_app(
     app[CLOCK] = clock
     app[SESSION] = session
     app.on_response_prepare.append(set_security_headers)
+    app.cleanup_ctx.append(bulk_replays)
     app.router.add_get("/healthz", healthz)
     api.add_routes(app)
     ui.add_routes(app)

@@ -9,10 +9,14 @@ from typing import Any
 
 from aiohttp import web
 
+from relay.diff import diff_attempts, diff_deliveries
 from relay.events import Event
-from relay.filters import parse_filter
-from relay.keys import CLOCK, EVENTS, METRICS, STORE
-from relay.render import delivery_json, summary_json, timeline_json
+from relay.export import original_curl
+from relay.filters import FilterError, parse_filter
+from relay.keys import BULK, CLOCK, CONFIG, EVENTS, METRICS, SESSION, STORE
+from relay.render import attempt_json, delivery_json, summary_json, timeline_json
+from relay.replay import ReplayError, ReplayRequest, replay
+from relay.reverify import reverify
 from relay.store import NotFound
 
 log = logging.getLogger(__name__)
@@ -108,10 +112,153 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     return data
 
 
+def replay_request(data: dict[str, Any], kind: str = "replay") -> ReplayRequest:
+    """Validate the JSON of a replay request (single or bulk)."""
+    upstream, url, body, secret, webhook_id = (data.get(k) for k in ("upstream", "url", "body", "secret", "webhook_id"))
+    for name, value in (
+        ("upstream", upstream),
+        ("url", url),
+        ("body", body),
+        ("secret", secret),
+        ("webhook_id", webhook_id),
+    ):
+        if value is not None and not isinstance(value, str):
+            raise ReplayError(f"{name}: expected a string")
+    resign = data.get("resign", True)
+    if not isinstance(resign, bool):
+        raise ReplayError("resign: expected true or false")
+    return ReplayRequest(
+        upstream=upstream or None,
+        url=url or None,
+        resign=resign,
+        body=body.encode("utf-8") if isinstance(body, str) else None,
+        webhook_id=webhook_id or None,
+        secret=secret or None,
+        kind=kind,
+    )
+
+
+async def replay_one(request: web.Request) -> web.Response:
+    req = replay_request(await read_json(request))
+    app = request.app
+    attempt = await replay(app[STORE], app[SESSION], app[CONFIG], app[CLOCK], delivery_id(request), req)
+    app[EVENTS].publish(
+        "attempt",
+        {
+            "delivery": attempt.delivery_id,
+            "upstream": attempt.upstream,
+            "outcome": attempt.outcome,
+            "status": attempt.status,
+            "kind": attempt.kind,
+        },
+    )
+    return web.json_response({"attempt": attempt_json(attempt)})
+
+
+BULK_CAP = 10_000
+
+
+async def replay_bulk(request: web.Request) -> web.Response:
+    """Queue a replay of ids or of every delivery matching a filter; progress via /api/replay/{job}."""
+    data = await read_json(request)
+    app = request.app
+    ids = data.pop("ids", None)
+    raw_filter = data.pop("filter", None)
+    req = replay_request(data)
+    _target_check(app, req)
+    if ids is not None:
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise ReplayError("ids: expected a list of delivery ids")
+        selected = list(dict.fromkeys(ids))
+    else:
+        if not isinstance(raw_filter, dict):
+            raise ReplayError("give ids or a filter")
+        f = parse_filter({str(k): str(v) for k, v in raw_filter.items()}, app[CLOCK]())
+        selected = await app[STORE].delivery_ids(f, BULK_CAP)
+    progress = app[BULK].start(selected, req)
+    return web.json_response({"queued": len(selected), "job": progress.job}, status=202)
+
+
+def _target_check(app: web.Application, req: ReplayRequest) -> None:
+    if (req.upstream is None) == (req.url is None):
+        raise ReplayError("give exactly one of upstream or url")
+    if req.upstream is not None and all(u.name != req.upstream for u in app[CONFIG].upstreams):
+        raise ReplayError(f"upstream: no upstream named {req.upstream!r}")
+
+
+async def replay_job(request: web.Request) -> web.Response:
+    text = request.match_info["job"]
+    progress = request.app[BULK].get(int(text)) if text.isdigit() else None
+    if progress is None:
+        raise NotFound(f"no replay job {text!r}")
+    return web.json_response(progress.as_json())
+
+
+async def verify_delivery(request: web.Request) -> web.Response:
+    data = await read_json(request)
+    secret = data.get("secret")
+    if secret is not None and not isinstance(secret, str):
+        raise ReplayError("secret: expected a string")
+    delivery = await request.app[STORE].get_delivery(delivery_id(request))
+    return web.json_response(reverify(request.app[CONFIG], delivery, secret or None))
+
+
+def _int_param(request: web.Request, name: str) -> int | None:
+    text = request.query.get(name)
+    if text is None or text == "":
+        return None
+    if not (text.isascii() and text.isdigit()):
+        raise FilterError(name, f"expected an id, got {text!r}")
+    return int(text)
+
+
+async def diff(request: web.Request) -> web.Response:
+    return web.json_response(await compute_diff(request))
+
+
+async def compute_diff(request: web.Request) -> dict[str, Any]:
+    """Deliveries ``a`` and ``b`` (``a`` defaults to the previous event of b's prediction), or attempts."""
+    store = request.app[STORE]
+    attempt_a, attempt_b = _int_param(request, "attempt_a"), _int_param(request, "attempt_b")
+    if attempt_b is not None:
+        b_attempt = await store.get_attempt(attempt_b)
+        if attempt_a is None:
+            attempt_a = await store.previous_attempt(b_attempt)
+            if attempt_a is None:
+                raise NotFound(f"attempt {attempt_b} has no earlier attempt to compare with")
+        return diff_attempts(await store.get_attempt(attempt_a), b_attempt)
+    a, b = _int_param(request, "a"), _int_param(request, "b")
+    if b is None:
+        raise FilterError("b", "required (a delivery id)")
+    right = await store.get_delivery(b)
+    if a is None:
+        a = await store.previous_of_prediction(right)
+        if a is None:
+            raise NotFound(f"delivery {b} has no earlier event of the same prediction")
+    return diff_deliveries(await store.get_delivery(a), right)
+
+
+async def export(request: web.Request) -> web.Response:
+    """``?format=curl`` (default) or ``json``: the delivery as a reproducible request."""
+    delivery = await request.app[STORE].get_delivery(delivery_id(request))
+    fmt = request.query.get("format", "curl")
+    if fmt == "json":
+        return web.json_response(delivery_json(delivery))
+    if fmt != "curl":
+        raise FilterError("format", "expected curl or json")
+    return web.Response(text=original_curl(delivery), content_type="text/plain")
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/deliveries", list_deliveries)
     app.router.add_get("/api/deliveries/{id}", get_delivery)
     app.router.add_get("/api/deliveries/{id}/raw", get_raw)
+    app.router.add_get("/api/deliveries/{id}/export", export)
+    app.router.add_post("/api/deliveries/{id}/replay", replay_one)
+    app.router.add_post("/api/deliveries/{id}/verify", verify_delivery)
+    app.router.add_post("/api/replay", replay_bulk)
+    app.router.add_get("/api/replay/{job}", replay_job)
+    app.router.add_get("/api/diff", diff)
     app.router.add_get("/api/predictions/{id}", get_prediction)
     app.router.add_get("/api/events", events)
     app.router.add_get("/metrics", metrics)

@@ -153,5 +153,8 @@ def secret(api_base: str, write_config: str | None, source: str) -> None:
     err_console.print(f"wrote the signing secret into {write_config} (source {source!r})")
 
 
+# The inspection commands register themselves on ``main``.
+from relay import cli_deliveries  # noqa: E402,F401
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

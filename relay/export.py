@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import base64
 
-from relay.outgoing import OutgoingRequest
+from relay.model import Delivery, display_text
+from relay.outgoing import OutgoingRequest, build_request
 
 CURL_DEFAULT_HEADERS = ("Content-Type", "User-Agent", "Accept", "Expect")
 
@@ -42,3 +43,29 @@ def curl_command(request: OutgoingRequest) -> str:
     else:
         feeder = f"printf '%s' {shell_quote(base64.b64encode(body).decode())} | base64 -d"
     return f"{feeder} | {command}\n"
+
+
+def original_curl(
+    delivery: Delivery, target_url: str | None = None, sign_key: bytes | None = None, now: int | None = None
+) -> str:
+    """Copy-as-curl: the delivery as it reached the relay, to its original URL or ``target_url``.
+
+    With ``sign_key`` the command carries a fresh timestamp and signature
+    (valid for the receiver's tolerance from ``now``); otherwise the original ones.
+    """
+    if target_url is None:
+        host = next((v for k, v in delivery.headers if k.lower() == "host"), "127.0.0.1")
+        target_url = f"http://{display_text(host)}{delivery.path}"
+    request = build_request(
+        method=delivery.method,
+        target_url=target_url,
+        query=delivery.query,
+        headers=delivery.headers,
+        body=delivery.body or b"",
+        delivery_id=delivery.id,
+        peer=None,
+        relay_headers=False,
+        sign_key=sign_key,
+        now=now,
+    )
+    return curl_command(request)

@@ -17,9 +17,8 @@ import aiohttp
 
 from relay.config import Config, UpstreamConfig
 from relay.events import EventBus
-from relay.keys import Clock
 from relay.metrics import Metrics
-from relay.model import Attempt, OutboxItem
+from relay.model import Attempt, Clock, OutboxItem
 from relay.outgoing import build_request
 from relay.policy import DEAD, DELIVERED, FAILED, RETRY, decide
 from relay.sender import send

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import aiohttp
 from aiohttp import web
 
 from relay.config import Config
 from relay.events import EventBus
 from relay.metrics import Metrics
+from relay.model import Clock
+from relay.replay import BulkReplays
 from relay.store import Store
-
-Clock = Callable[[], float]
 
 CONFIG = web.AppKey("config", Config)
 STORE = web.AppKey("store", Store)
@@ -20,3 +18,6 @@ CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 METRICS = web.AppKey("metrics", Metrics)
 EVENTS = web.AppKey("events", EventBus)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
+BULK = web.AppKey("bulk_replays", BulkReplays)
+
+__all__ = ["BULK", "CLOCK", "CONFIG", "EVENTS", "METRICS", "SESSION", "STORE", "Clock"]

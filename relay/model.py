@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from relay.verify import Verdict
 
 HeaderPairs = tuple[tuple[str, str], ...]
+Clock = Callable[[], float]  # wall-clock seconds; injected so tests can fix time
 
 
 def decode_header_bytes(raw: bytes) -> str:

@@ -20,8 +20,8 @@ from relay.config import Config
 from relay.events import EventBus
 from relay.forward import Forwarder
 from relay.ingest import create_ingest_app
-from relay.keys import Clock
 from relay.metrics import Metrics
+from relay.model import Clock
 from relay.store import Store
 
 log = logging.getLogger(__name__)

@@ -335,6 +335,50 @@ class Store:
         assert result is not None
         return result
 
+    async def mark_delivered_by_replay(self, delivery_id: int, upstream: str, attempt_id: int, now: float) -> None:
+        """A successful replay to an upstream settles its dead/failed outbox row as delivered."""
+        note = f"delivered by replay (attempt {attempt_id})"
+        await self.writer.submit(
+            WriteOp[None](
+                rows=[
+                    (
+                        "UPDATE outbox SET state = 'delivered', next_attempt_at = NULL, updated_at = ?, note = ? "
+                        "WHERE delivery_id = ? AND upstream = ? AND state IN ('dead', 'failed', 'skipped')",
+                        (now, note, delivery_id, upstream),
+                    )
+                ]
+            )
+        )
+
+    async def prune(self, older_than: float, batch: int = 500) -> int:
+        """Delete deliveries received before ``older_than`` (with their outbox rows and attempts).
+
+        Small batches, each its own commit through the writer, so ingest
+        keeps committing in between; then give the freed pages back to the disk.
+        """
+        total = 0
+        while True:
+
+            async def run(conn: aiosqlite.Connection) -> int:
+                cursor = await conn.execute(
+                    "DELETE FROM deliveries WHERE id IN "
+                    "(SELECT id FROM deliveries WHERE received_at < ? ORDER BY id LIMIT ?)",
+                    (older_than, batch),
+                )
+                return int(cursor.rowcount)
+
+            deleted = await self.writer.submit(WriteOp[int](run=run)) or 0
+            total += deleted
+            if deleted < batch:
+                break
+        if total:
+
+            async def vacuum(conn: aiosqlite.Connection) -> None:
+                await (await conn.execute("PRAGMA incremental_vacuum")).fetchall()
+
+            await self.writer.submit(WriteOp[None](run=vacuum))
+        return total
+
     async def check_writable(self, now: float) -> None:
         """Commit a heartbeat row; raises StoreUnavailable when the disk refuses it."""
         await self.writer.submit(

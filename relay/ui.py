@@ -13,11 +13,10 @@ from aiohttp import web
 from relay import __version__
 from relay.api import delivery_id
 from relay.auth import SESSION_COOKIE, session_value, token_matches
-from relay.export import curl_command
+from relay.export import original_curl
 from relay.filters import STATES, DeliveryFilter, FilterError, parse_filter
 from relay.keys import CLOCK, CONFIG, STORE
-from relay.model import Delivery, display_text
-from relay.outgoing import build_request
+from relay.model import display_text
 from relay.render import body_text, pretty_body, timeline_json
 from relay.store import NotFound
 from relay.verify import Verdict
@@ -97,22 +96,6 @@ async def rows_fragment(request: web.Request) -> web.Response:
     return render_page(request, "_rows.html", {"rows": page})
 
 
-def replay_curl(delivery: Delivery) -> str:
-    """Copy-as-curl: the request as it reached the relay (original headers and signature)."""
-    host = next((v for k, v in delivery.headers if k.lower() == "host"), "127.0.0.1")
-    request = build_request(
-        method=delivery.method,
-        target_url=f"http://{display_text(host)}{delivery.path}",
-        query=delivery.query,
-        headers=delivery.headers,
-        body=delivery.body or b"",
-        delivery_id=delivery.id,
-        peer=None,
-        relay_headers=False,
-    )
-    return curl_command(request)
-
-
 async def delivery_page(request: web.Request) -> web.Response:
     store = request.app[STORE]
     delivery = await store.get_delivery(delivery_id(request))
@@ -121,7 +104,7 @@ async def delivery_page(request: web.Request) -> web.Response:
         "text": body_text(delivery.body),
         "pretty": pretty_body(delivery.body),
         "previous": await store.previous_of_prediction(delivery),
-        "curl": replay_curl(delivery) if delivery.body is not None else None,
+        "curl": original_curl(delivery) if delivery.body is not None else None,
     }
     return render_page(request, "delivery.html", context)
 
