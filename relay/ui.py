@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,9 @@ import jinja2
 from aiohttp import web
 
 from relay import __version__
-from relay.api import delivery_id
+from relay.api import compute_diff, delivery_id
 from relay.auth import SESSION_COOKIE, session_value, token_matches
+from relay.diff import side_by_side
 from relay.export import original_curl
 from relay.filters import STATES, DeliveryFilter, FilterError, parse_filter
 from relay.keys import CLOCK, CONFIG, STORE
@@ -56,6 +58,7 @@ def setup_templates(app: web.Application) -> None:
     env.filters["when"] = _when
     env.filters["size"] = _size
     env.filters["text"] = display_text
+    env.filters["json"] = lambda value: json.dumps(value, ensure_ascii=False)  # autoescaped afterwards
     env.globals["verdicts"] = [v.value for v in Verdict]
     env.globals["states"] = STATES
     env.globals["static"] = lambda name: f"/static/{name}?v={__version__}"
@@ -119,6 +122,19 @@ async def prediction_page(request: web.Request) -> web.Response:
     )
 
 
+async def diff_page(request: web.Request) -> web.Response:
+    """Side by side: the same computation as GET /api/diff, plus aligned lines for display."""
+    result = await compute_diff(request)
+    store = request.app[STORE]
+    if result["kind"] == "attempts":
+        left_a, right_a = await store.get_attempt(result["a"]), await store.get_attempt(result["b"])
+        left, right = left_a.response_body, right_a.response_body
+    else:
+        left = (await store.get_delivery(result["a"])).body
+        right = (await store.get_delivery(result["b"])).body
+    return render_page(request, "diff.html", {"r": result, "rows": side_by_side(left, right)})
+
+
 def safe_next(target: str | None) -> str:
     """Only same-site relative paths after login (no open redirect)."""
     if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
@@ -160,6 +176,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/ui/rows", rows_fragment)
     app.router.add_get("/deliveries/{id}", delivery_page)
     app.router.add_get("/predictions/{id}", prediction_page)
+    app.router.add_get("/diff", diff_page)
     app.router.add_get("/login", login_page)
     app.router.add_post("/login", login_submit)
     app.router.add_post("/logout", logout)
