@@ -126,6 +126,8 @@ async def diff_page(request: web.Request) -> web.Response:
     """Side by side: the same computation as GET /api/diff, plus aligned lines for display."""
     result = await compute_diff(request)
     store = request.app[STORE]
+    left: bytes | None
+    right: bytes | None
     if result["kind"] == "attempts":
         left_a, right_a = await store.get_attempt(result["a"]), await store.get_attempt(result["b"])
         left, right = left_a.response_body, right_a.response_body
