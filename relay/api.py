@@ -12,7 +12,7 @@ from aiohttp import web
 from relay.diff import diff_attempts, diff_deliveries
 from relay.events import Event
 from relay.export import original_curl
-from relay.filters import FilterError, parse_filter
+from relay.filters import STATES, FilterError, parse_filter
 from relay.keys import BULK, CLOCK, CONFIG, EVENTS, METRICS, SESSION, STORE
 from relay.render import attempt_json, delivery_json, summary_json, timeline_json
 from relay.replay import ReplayError, ReplayRequest, replay
@@ -22,12 +22,13 @@ from relay.store import NotFound
 log = logging.getLogger(__name__)
 
 SSE_HEARTBEAT_SECONDS = 15.0
+MAX_ID = 2**63 - 1  # SQLite INTEGER range
 
 
 def delivery_id(request: web.Request, name: str = "id") -> int:
     text = request.match_info[name]
-    if not (text.isascii() and text.isdigit()):
-        raise NotFound(f"no delivery {text!r}")
+    if not (text.isascii() and text.isdigit()) or int(text) > MAX_ID:
+        raise NotFound(f"no delivery {text[:40]!r}")
     return int(text)
 
 
@@ -72,9 +73,10 @@ def sse_frame(event: Event) -> bytes:
 
 async def events(request: web.Request) -> web.StreamResponse:
     """Server-Sent Events: one ``delivery`` or ``attempt`` event per change, with heartbeats."""
-    response = web.StreamResponse(
-        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
-    )
+    headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+    if request.method == "HEAD":
+        return web.Response(headers=headers)
+    response = web.StreamResponse(headers=headers)
     await response.prepare(request)
     await response.write(b"retry: 2000\n: connected\n\n")
     async with request.app[EVENTS].subscribe() as queue:
@@ -92,8 +94,9 @@ async def events(request: web.Request) -> web.StreamResponse:
 
 async def metrics(request: web.Request) -> web.Response:
     registry = request.app[METRICS]
-    for state, count in (await request.app[STORE].outbox_states()).items():
-        registry.outbox_depth.labels(state).set(count)
+    counts = await request.app[STORE].outbox_states()
+    for state in STATES:
+        registry.outbox_depth.labels(state).set(counts.get(state, 0))
     return web.Response(body=registry.render(), content_type="text/plain", charset="utf-8")
 
 
@@ -173,7 +176,10 @@ async def replay_bulk(request: web.Request) -> web.Response:
     else:
         if not isinstance(raw_filter, dict):
             raise ReplayError("give ids or a filter")
-        f = parse_filter({str(k): str(v) for k, v in raw_filter.items()}, app[CLOCK]())
+        params = {str(k): str(v) for k, v in raw_filter.items()}
+        if req.upstream is not None and params.get("state") and not params.get("upstream"):
+            params["upstream"] = req.upstream  # "dead" means dead for the upstream replayed to
+        f = parse_filter(params, app[CLOCK]())
         selected = await app[STORE].delivery_ids(f, BULK_CAP)
     progress = app[BULK].start(selected, req)
     return web.json_response({"queued": len(selected), "job": progress.job}, status=202)
@@ -188,7 +194,7 @@ def _target_check(app: web.Application, req: ReplayRequest) -> None:
 
 async def replay_job(request: web.Request) -> web.Response:
     text = request.match_info["job"]
-    progress = request.app[BULK].get(int(text)) if text.isdigit() else None
+    progress = request.app[BULK].get(int(text)) if text.isascii() and text.isdigit() else None
     if progress is None:
         raise NotFound(f"no replay job {text!r}")
     return web.json_response(progress.as_json())
@@ -207,8 +213,8 @@ def _int_param(request: web.Request, name: str) -> int | None:
     text = request.query.get(name)
     if text is None or text == "":
         return None
-    if not (text.isascii() and text.isdigit()):
-        raise FilterError(name, f"expected an id, got {text!r}")
+    if not (text.isascii() and text.isdigit()) or int(text) > MAX_ID:
+        raise FilterError(name, f"expected an id, got {text[:40]!r}")
     return int(text)
 
 

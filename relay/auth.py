@@ -16,7 +16,7 @@ import hashlib
 import hmac
 import ipaddress
 from collections.abc import Awaitable, Callable
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from aiohttp import web
 
@@ -101,7 +101,7 @@ async def security(request: web.Request, handler: Handler) -> web.StreamResponse
             return web.json_response(
                 {"error": "authentication required"}, status=401, headers={"WWW-Authenticate": "Bearer"}
             )
-        raise web.HTTPSeeOther(f"/login?next={request.rel_url.raw_path_qs}")
+        raise web.HTTPSeeOther("/login?next=" + quote(request.rel_url.raw_path_qs, safe="/"))
     response = await handler(request)
     return response
 
@@ -111,7 +111,9 @@ async def set_security_headers(request: web.Request, response: web.StreamRespons
     headers = response.headers
     headers.setdefault("Content-Security-Policy", CSP)
     headers.setdefault("X-Content-Type-Options", "nosniff")
-    headers.setdefault("Referrer-Policy", "no-referrer")
+    # same-origin, not no-referrer: under no-referrer Chromium sends "Origin: null" on form
+    # posts, which the same-origin check must refuse, and the login form would never work.
+    headers.setdefault("Referrer-Policy", "same-origin")
     headers.setdefault("X-Frame-Options", "DENY")
     headers.setdefault("Cross-Origin-Resource-Policy", "same-origin")
     if not request.path.startswith("/static/"):

@@ -141,8 +141,8 @@ def list_cmd(
                 str(s.id),
                 rfc3339(s.received_at),
                 _verdict(s.verdict.value),
-                s.prediction.id or "",
-                s.prediction.status or "",
+                Text(s.prediction.id or ""),
+                Text(s.prediction.status or ""),
                 fwd,
                 str(s.size),
             )
@@ -165,22 +165,23 @@ def show(config_path: str | None, database: str | None, delivery_id: int, as_jso
         if as_json:
             click.echo(json.dumps(delivery_json(d), indent=2))
             return
-        console.print(f"[bold]Delivery #{d.id}[/]  {rfc3339(d.received_at)}  from {d.peer}  source {d.source}")
-        console.print(f"{d.method} {d.path}{'?' + d.query if d.query else ''}")
+        where = f"  {rfc3339(d.received_at)}  from {d.peer or ''}  source {d.source}"
+        console.print(Text(f"Delivery #{d.id}", style="bold").append(where, style=""))
+        console.print(Text(f"{d.method} {d.path}{'?' + d.query if d.query else ''}"))
         console.print(Text("verdict ").append(_verdict(d.verdict.value)).append(f"  {d.verdict_detail}"))
         if d.prediction.id:
-            console.print(f"prediction {d.prediction.id}  {d.prediction.status}  {d.prediction.model}")
+            console.print(Text(f"prediction {d.prediction.id}  {d.prediction.status}  {d.prediction.model}"))
         if d.duplicate_of:
             console.print(f"[yellow]duplicate of #{d.duplicate_of}[/]")
         headers = Table("header", "value", show_header=False, box=None)
         for name, value in d.headers:
-            headers.add_row(display_text(name), display_text(value))
+            headers.add_row(Text(display_text(name)), Text(display_text(value)))
         console.print(headers)
         pretty = pretty_body(d.body)
         if pretty is not None:
             console.print(Syntax(pretty, "json", word_wrap=True))
         elif d.body is not None:
-            console.print(d.body.decode("utf-8", "replace"))
+            console.print(Text(d.body.decode("utf-8", "replace")))
         for f in d.forwarding:
             console.print(
                 Text(f"→ {f.upstream}: ")
@@ -188,9 +189,11 @@ def show(config_path: str | None, database: str | None, delivery_id: int, as_jso
                 .append(f"  {f.note or ''}")
             )
             for a in f.attempts:
-                console.print(f"   {rfc3339(a.started_at)}  {a.status or a.error}  {a.duration_ms:.1f} ms")
+                console.print(Text(f"   {rfc3339(a.started_at)}  {a.status or a.error}  {a.duration_ms:.1f} ms"))
         for a in d.replays:
-            console.print(f"↺ {a.kind} to {a.target}: {a.status or a.error}  {a.duration_ms:.1f} ms  (attempt {a.id})")
+            console.print(
+                Text(f"↺ {a.kind} to {a.target}: {a.status or a.error}  {a.duration_ms:.1f} ms  (attempt {a.id})")
+            )
 
     run(config_path, database, work)
 
@@ -206,7 +209,7 @@ def verify(config_path: str | None, database: str | None, delivery_id: int, secr
         return reverify(config, await store.get_delivery(delivery_id), secret)
 
     result = run(config_path, database, work)
-    console.print(Text.assemble(_verdict(result["verdict"]), f"  {result['detail']}"))
+    console.print(Text.assemble(_verdict(result["verdict"]), f"  {result['detail']}"))  # Text: never markup
     console.print(f"[dim]secret: {result['secret']}; stored verdict: {result['stored_verdict']}[/]")
     if result["verdict"] not in ("verified", "unsigned"):
         sys.exit(1)
@@ -248,24 +251,24 @@ def print_diff(result: dict[str, Any]) -> None:
     noun = "attempt" if result["kind"] == "attempts" else "delivery"
     console.print(f"[bold]--- {noun} {result['a']}[/]\n[bold]+++ {noun} {result['b']}[/]")
     if "status" in result and result["status"]["old"] != result["status"]["new"]:
-        console.print(f"[yellow]~ status {result['status']['old']} → {result['status']['new']}[/]")
+        console.print(Text(f"~ status {result['status']['old']} → {result['status']['new']}", style="yellow"))
     for h in result["headers"]:
         if h["op"] == "added":
-            console.print(f"[green]+ header {h['name']}: {h['new']}[/]")
+            console.print(Text(f"+ header {h['name']}: {h['new']}", style="green"))
         elif h["op"] == "removed":
-            console.print(f"[red]- header {h['name']}: {h['old']}[/]")
+            console.print(Text(f"- header {h['name']}: {h['old']}", style="red"))
         else:
-            console.print(f"[yellow]~ header {h['name']}: {h['old']} → {h['new']}[/]")
+            console.print(Text(f"~ header {h['name']}: {h['old']} → {h['new']}", style="yellow"))
     if result["body"] is not None:
         for op in result["body"]:
             if op["op"] == "add":
-                console.print(f"[green]+ {op['path']}: {short(op['value'])}[/]")
+                console.print(Text(f"+ {op['path']}: {short(op['value'])}", style="green"))
             elif op["op"] == "remove":
-                console.print(f"[red]- {op['path']}: {short(op['old'])}[/]")
+                console.print(Text(f"- {op['path']}: {short(op['old'])}", style="red"))
             elif op["op"] == "replace":
-                console.print(f"[yellow]~ {op['path']}: {short(op['old'])} → {short(op['value'])}[/]")
+                console.print(Text(f"~ {op['path']}: {short(op['old'])} → {short(op['value'])}", style="yellow"))
             else:
-                console.print(f"[cyan]{op['op']} {op.get('from', '')} → {op['path']}[/]")
+                console.print(Text(f"{op['op']} {op.get('from', '')} → {op['path']}", style="cyan"))
     elif result["text"]:
         for line in result["text"].splitlines():
             style = "green" if line.startswith("+") else "red" if line.startswith("-") else None
@@ -397,9 +400,13 @@ def replay_cmd(
         return
     answer = f"HTTP {result.status}" if result.status is not None else result.error
     style = "green" if result.outcome == "delivered" else "red"
-    console.print(f"[{style}]{answer}[/] in {result.duration_ms:.1f} ms → {result.target}  (attempt {result.id})")
+    console.print(
+        Text(f"{answer}", style=style).append(
+            f" in {result.duration_ms:.1f} ms → {result.target}  (attempt {result.id})", style=""
+        )
+    )
     if result.response_body:
-        console.print(result.response_body.decode("utf-8", "replace")[:2000])
+        console.print(Text(result.response_body.decode("utf-8", "replace")[:2000]))
     if result.outcome != "delivered":
         sys.exit(1)
 

@@ -8,6 +8,7 @@ changed lines. Bodies that are not both JSON get a unified text diff.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 from typing import Any
@@ -45,14 +46,20 @@ def diff_headers(a: HeaderPairs, b: HeaderPairs) -> list[dict[str, Any]]:
 
 
 def json_ops(old: Any, new: Any) -> list[dict[str, Any]]:
-    """RFC 6902 operations turning ``old`` into ``new``, each with the ``old`` value where one exists."""
+    """RFC 6902 operations turning ``old`` into ``new``, each with the ``old`` value it replaces.
+
+    Each operation applies to the result of the ones before it, so the old
+    value is looked up in a working copy that the patch is applied to step by step.
+    """
     ops = []
+    working = copy.deepcopy(old)
     for op in jsonpatch.make_patch(old, new):
         entry = dict(op)
         if entry["op"] in ("replace", "remove"):
-            entry["old"] = jsonpointer.resolve_pointer(old, entry["path"], None)
+            entry["old"] = jsonpointer.resolve_pointer(working, entry["path"], None)
         elif entry["op"] == "move":
-            entry["old"] = jsonpointer.resolve_pointer(old, entry["from"], None)
+            entry["old"] = jsonpointer.resolve_pointer(working, entry["from"], None)
+        working = jsonpatch.apply_patch(working, [op], in_place=False)
         ops.append(entry)
     return ops
 

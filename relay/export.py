@@ -22,7 +22,8 @@ def shell_quote(text: str) -> str:
 
 def curl_command(request: OutgoingRequest) -> str:
     """A curl command line sending exactly this request."""
-    lines = [f"curl -sS -X {request.method} {shell_quote(request.url)}"]
+    # -g: brackets and braces in the query string are data, not curl URL globs.
+    lines = [f"curl -gsS -X {request.method} {shell_quote(request.url)}"]
     for name, value in request.headers:
         lines.append(f"  -H {shell_quote(f'{name}: {value}')}")
     # Empty -H removes a header curl would otherwise add on its own.

@@ -73,8 +73,9 @@ def _int(param: str, text: str, low: int, high: int | None = None) -> int:
     if not (text.isascii() and text.isdigit()):
         raise FilterError(param, f"expected a whole number, got {text!r}")
     value = int(text)
-    if value < low or (high is not None and value > high):
-        raise FilterError(param, f"must be between {low} and {high}" if high else f"must be at least {low}")
+    high = 2**63 - 1 if high is None else high  # SQLite INTEGER range
+    if value < low or value > high:
+        raise FilterError(param, f"must be between {low} and {high}")
     return value
 
 

@@ -52,6 +52,9 @@ class Forwarder:
         self._rand = rand
         self._upstreams = tuple(u.name for u in config.upstreams)
         self._inflight: dict[int, asyncio.Task[None]] = {}
+        # Rows whose attempt finished while a due-query was running: that query's answer
+        # may predate the attempt's commit, so they must not be taken from it again.
+        self._finished_since_query: set[int] = set()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -84,10 +87,13 @@ class Forwarder:
             try:
                 free = self._concurrency - len(self._inflight)
                 if free > 0:
+                    self._finished_since_query.clear()
                     items = await self._store.due_outbox(now, self._upstreams, free + len(self._inflight))
                     for item in items:
-                        if item.outbox_id in self._inflight or len(self._inflight) >= self._concurrency:
+                        if item.outbox_id in self._inflight or item.outbox_id in self._finished_since_query:
                             continue
+                        if len(self._inflight) >= self._concurrency:
+                            break
                         task = asyncio.create_task(self._attempt(item), name=f"relay-forward-{item.outbox_id}")
                         self._inflight[item.outbox_id] = task
                 next_due = await self._store.next_due_after(now, self._upstreams)
@@ -113,6 +119,7 @@ class Forwarder:
             await asyncio.sleep(STORE_RETRY_SECONDS)
         finally:
             self._inflight.pop(item.outbox_id, None)
+            self._finished_since_query.add(item.outbox_id)
             self.wake()
 
     def _sign_key(self, upstream: UpstreamConfig) -> bytes | None:

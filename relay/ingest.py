@@ -107,17 +107,18 @@ def make_handler(source: SourceConfig) -> Callable[[web.Request], Awaitable[web.
             source, config.upstreams_of(source.name), cap.verdict, cap.body is not None, cap.prediction.id
         )
         try:
-            delivery_id = await asyncio.wait_for(
-                asyncio.shield(store.record_delivery(cap, plans)), config.relay.commit_timeout_seconds
-            )
+            committed = store.enqueue_delivery(cap, plans)
+            # shield: a timed-out request stops waiting, but its row still commits (and the
+            # sender's retry is then recognised as a duplicate); nothing is half-written.
+            async with asyncio.timeout(config.relay.commit_timeout_seconds):
+                delivery_id = await asyncio.shield(committed)
         except (StoreUnavailable, TimeoutError) as exc:
             log.error("ingest on %s: delivery not stored, answering 503: %s", source.path, exc or "commit timed out")
             metrics.ingest_refused.labels(source.name, "unavailable").inc()
             return web.json_response(
                 {"error": "delivery could not be stored; retry later"}, status=503, headers={"Retry-After": "5"}
             )
-        metrics.deliveries.labels(source.name, cap.verdict.value).inc()
-        metrics.ingest_latency.labels(source.name).observe(asyncio.get_running_loop().time() - started)
+        metrics.delivery_recorded(source.name, cap.verdict.value, asyncio.get_running_loop().time() - started)
         events.publish("delivery", {"id": delivery_id, "verdict": cap.verdict.value, "source": source.name})
         if cap.body is None:
             metrics.ingest_refused.labels(source.name, "too_large").inc()

@@ -6,6 +6,8 @@ and keeps library-default collectors out of the relay's /metrics.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -13,6 +15,7 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 
 class Metrics:
     def __init__(self) -> None:
+        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         self.deliveries = Counter(
             "relay_deliveries",
@@ -52,6 +55,16 @@ class Metrics:
             ["state"],
             registry=self.registry,
         )
+
+    def delivery_recorded(self, source: str, verdict: str, seconds: float) -> None:
+        """Count a stored delivery; label children are cached (this runs once per webhook)."""
+        key = (source, verdict)
+        children = self._children.get(key)
+        if children is None:
+            children = (self.deliveries.labels(source, verdict), self.ingest_latency.labels(source))
+            self._children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

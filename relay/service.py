@@ -16,7 +16,7 @@ import aiohttp
 from aiohttp import web
 
 from relay.admin import create_admin_app
-from relay.config import Config
+from relay.config import Config, ConfigError
 from relay.events import EventBus
 from relay.forward import Forwarder
 from relay.ingest import create_ingest_app
@@ -52,6 +52,9 @@ class Relay:
 
     async def start(self) -> Bound:
         config = self.config
+        if config.relay.ui_token is None and not config.relay.ui_listen.is_loopback:
+            # parse_config refuses this too; a hand-built Config must not slip past it.
+            raise ConfigError("relay.ui_listen: a non-loopback address needs a UI token")
         self.store = await Store.open(config.relay.database)
         try:
             self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self.concurrency))

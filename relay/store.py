@@ -6,9 +6,11 @@ connection; reads use a second connection, which WAL lets run beside it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +56,10 @@ INSERT INTO attempts (delivery_id, upstream, kind, target, started_at, duration_
     request_body)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
+# "AND state = 'pending'": a settled row is never moved back by a late or repeated result.
 _UPDATE_OUTBOX = """
 UPDATE outbox SET state = ?, attempts = attempts + ?, next_attempt_at = ?, updated_at = ?, note = ?
-WHERE id = ?
+WHERE id = ? AND state = 'pending'
 """
 _DUE = """
 SELECT o.id, o.delivery_id, o.upstream, o.attempts, d.method, d.query, d.headers, d.body,
@@ -194,74 +197,90 @@ def _delivery_from_row(row: Sequence[Any]) -> Delivery:
     )
 
 
+def _migrate(conn: sqlite3.Connection) -> None:
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if version > len(MIGRATIONS):
+        raise RuntimeError(
+            f"database schema version {version} is newer than this relay knows "
+            f"({len(MIGRATIONS)}); upgrade replicate-relay"
+        )
+    if version == 0:
+        # Must precede the first table: lets prune give pages back to the disk.
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+    for pragma in PRAGMAS:
+        conn.execute(pragma)
+    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+        log.info("migrating database to schema version %d", number)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in split_statements(script):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {number}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+
+def _open_writer(path: str) -> sqlite3.Connection:
+    """The write connection, opened and migrated on the writer thread that will own it."""
+    conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_SECONDS, check_same_thread=False)
+    try:
+        _migrate(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
 class Store:
     """SQLite storage for deliveries, the outbox and attempts."""
 
-    def __init__(self, path: str, writer_conn: aiosqlite.Connection, reader: aiosqlite.Connection) -> None:
+    def __init__(
+        self, path: str, wconn: sqlite3.Connection, executor: ThreadPoolExecutor, reader: aiosqlite.Connection
+    ) -> None:
         self.path = path
-        self._wconn = writer_conn
+        self._wconn = wconn
+        self._executor = executor
         self._reader = reader
-        self.writer = Writer(writer_conn, self._next_delivery_id)
+        self.writer = Writer(wconn, executor)
 
     @classmethod
     async def open(cls, path: str | Path) -> Store:
         """Open (creating or migrating) the database and start the writer."""
         path = str(path)
-        wconn = await aiosqlite.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_SECONDS)
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-writer")
+        loop = asyncio.get_running_loop()
         try:
-            await cls._migrate(wconn)
-            reader = await aiosqlite.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_SECONDS)
+            wconn = await loop.run_in_executor(executor, _open_writer, path)
         except BaseException:
-            await wconn.close()
+            executor.shutdown(wait=False)
             raise
-        await reader.execute("PRAGMA query_only = ON")
-        store = cls(path, wconn, reader)
+        try:
+            reader = await aiosqlite.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_SECONDS)
+            await reader.execute("PRAGMA query_only = ON")
+        except BaseException:
+            await loop.run_in_executor(executor, wconn.close)
+            executor.shutdown(wait=False)
+            raise
+        store = cls(path, wconn, executor, reader)
         store.writer.start()
         return store
-
-    @staticmethod
-    async def _migrate(conn: aiosqlite.Connection) -> None:
-        async with conn.execute("PRAGMA user_version") as cur:
-            row = await cur.fetchone()
-        version = int(row[0]) if row else 0
-        if version > len(MIGRATIONS):
-            raise RuntimeError(
-                f"database schema version {version} is newer than this relay knows "
-                f"({len(MIGRATIONS)}); upgrade replicate-relay"
-            )
-        if version == 0:
-            # Must precede the first table: lets prune give pages back to the disk.
-            await conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
-        for pragma in PRAGMAS:
-            await conn.execute(pragma)
-        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            log.info("migrating database to schema version %d", number)
-            statements = split_statements(script)
-            await conn.execute("BEGIN IMMEDIATE")
-            try:
-                for statement in statements:
-                    await conn.execute(statement)
-                await conn.execute(f"PRAGMA user_version = {number}")
-                await conn.commit()
-            except BaseException:
-                await conn.rollback()
-                raise
 
     async def close(self) -> None:
         await self.writer.stop()
         await self._reader.close()
-        await self._wconn.close()
-
-    @staticmethod
-    async def _next_delivery_id(conn: aiosqlite.Connection) -> int:
-        async with conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM deliveries") as cur:
-            row = await cur.fetchone()
-        return int(row[0]) if row else 1
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._wconn.close)
+        self._executor.shutdown(wait=True)
 
     # --- writes -------------------------------------------------------------------
 
-    async def record_delivery(self, capture: Capture, forwards: Iterable[PlannedForward]) -> int:
-        """Store a delivery with its outbox rows; returns its id once committed."""
+    def enqueue_delivery(self, capture: Capture, forwards: Iterable[PlannedForward]) -> asyncio.Future[int | None]:
+        """Queue a delivery with its outbox rows; the future gives its id once committed.
+
+        A plain future (not a coroutine) so the ingest hot path can wait on it
+        with a deadline without creating a task per request.
+        """
         forwards = tuple(forwards)
         c = capture
         p = c.prediction
@@ -303,7 +322,11 @@ class Store:
                 )
             return out
 
-        result = await self.writer.submit(WriteOp[int](with_id=rows))
+        return self.writer.enqueue(WriteOp[int](with_id=rows))
+
+    async def record_delivery(self, capture: Capture, forwards: Iterable[PlannedForward]) -> int:
+        """Store a delivery with its outbox rows; returns its id once committed."""
+        result = await self.enqueue_delivery(capture, forwards)
         assert result is not None
         return result
 
@@ -327,9 +350,8 @@ class Store:
     async def record_attempt(self, attempt: Attempt) -> int:
         """Record an attempt outside the outbox (replay, connect); returns its id."""
 
-        async def run(conn: aiosqlite.Connection) -> int:
-            cursor = await conn.execute(_INSERT_ATTEMPT, _attempt_params(attempt))
-            return int(cursor.lastrowid or 0)
+        def run(conn: sqlite3.Connection) -> int:
+            return int(conn.execute(_INSERT_ATTEMPT, _attempt_params(attempt)).lastrowid or 0)
 
         result = await self.writer.submit(WriteOp[int](run=run))
         assert result is not None
@@ -359,8 +381,8 @@ class Store:
         total = 0
         while True:
 
-            async def run(conn: aiosqlite.Connection) -> int:
-                cursor = await conn.execute(
+            def run(conn: sqlite3.Connection) -> int:
+                cursor = conn.execute(
                     "DELETE FROM deliveries WHERE id IN "
                     "(SELECT id FROM deliveries WHERE received_at < ? ORDER BY id LIMIT ?)",
                     (older_than, batch),
@@ -373,8 +395,8 @@ class Store:
                 break
         if total:
 
-            async def vacuum(conn: aiosqlite.Connection) -> None:
-                await (await conn.execute("PRAGMA incremental_vacuum")).fetchall()
+            def vacuum(conn: sqlite3.Connection) -> None:
+                conn.execute("PRAGMA incremental_vacuum").fetchall()
 
             await self.writer.submit(WriteOp[None](run=vacuum))
         return total

@@ -63,7 +63,8 @@ function listPage() {
   }
 
   const source = new EventSource("/api/events");
-  source.addEventListener("open", () => liveStatus(true));
+  // On every (re)connect, fetch what arrived while the stream was not yet (or no longer) open.
+  source.addEventListener("open", () => { liveStatus(true); fetchNew(); });
   source.addEventListener("error", () => liveStatus(false));
   source.addEventListener("delivery", () => fetchNew());
   source.addEventListener("attempt", (ev) => {
