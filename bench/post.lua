@@ -4,11 +4,24 @@
 local requests = {}
 local counter = 0
 local delay_ms = tonumber(os.getenv("BENCH_DELAY_MS") or "0")
+local threads = 0
+-- Each wrk thread takes every n-th line, so no two threads ever send the same
+-- request: a repeated webhook-id and body is a duplicate, which the relay stores
+-- but does not forward again. (A thread's init runs before the next thread's
+-- setup, so the thread count comes from the environment, not from counting.)
+nthreads = tonumber(os.getenv("BENCH_THREADS") or "1")
+
+function setup(thread)
+  thread:set("tid", threads)
+  threads = threads + 1
+end
 
 local function load(path)
+  local n = 0
   for line in io.lines(path) do
+    n = n + 1
     local id, ts, sig, body = line:match("^([^\t]*)\t([^\t]*)\t([^\t]*)\t(.*)$")
-    if id then
+    if id and (n % nthreads) == tid then
       requests[#requests + 1] = wrk.format("POST", nil, {
         ["Content-Type"] = "application/json",
         ["User-Agent"] = "Replicate-Webhooks/1.0",
@@ -22,7 +35,6 @@ end
 
 function init(args)
   load(os.getenv("BENCH_REQUESTS"))
-  counter = math.random(#requests)
 end
 
 function request()

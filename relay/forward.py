@@ -18,7 +18,7 @@ import aiohttp
 from relay.config import Config, UpstreamConfig
 from relay.events import EventBus
 from relay.metrics import Metrics
-from relay.model import Attempt, Clock, OutboxItem
+from relay.model import Clock, OutboxItem
 from relay.outgoing import build_request
 from relay.policy import DEAD, DELIVERED, FAILED, RETRY, decide
 from relay.sender import send
@@ -152,20 +152,8 @@ class Forwarder:
         outcome, next_at = decide(
             result.status, result.header("Retry-After"), number, upstream, self._clock(), self._rand
         )
-        attempt = Attempt(
-            delivery_id=item.delivery_id,
-            kind="forward",
-            target=request.url,
-            started_at=result.started_at,
-            duration_ms=result.duration_ms,
-            status=result.status,
-            response_headers=result.headers,
-            response_body=result.body,
-            response_truncated=result.truncated,
-            error=result.error,
-            outcome=outcome,
-            upstream=upstream.name,
-            request_headers=request.headers,
+        attempt = result.attempt(
+            request, delivery_id=item.delivery_id, kind="forward", outcome=outcome, upstream=upstream.name
         )
         note = _note(outcome, number, upstream, result.status, result.error)
         await self._store.finish_attempt(item.outbox_id, attempt, STATE_FOR_OUTCOME[outcome], next_at, note)

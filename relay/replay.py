@@ -106,20 +106,12 @@ async def replay(
         outcome = "error"
     else:
         outcome = DELIVERED if 200 <= result.status <= 299 else FAILED
-    attempt = Attempt(
+    attempt = result.attempt(
+        request,
         delivery_id=delivery.id,
         kind=req.kind,
-        target=request.url,
-        started_at=result.started_at,
-        duration_ms=result.duration_ms,
-        status=result.status,
-        response_headers=result.headers,
-        response_body=result.body,
-        response_truncated=result.truncated,
-        error=result.error,
         outcome=outcome,
         upstream=upstream_name,
-        request_headers=request.headers,
         request_body=req.body if req.body is not None and req.body != delivery.body else None,
     )
     attempt_id = await store.record_attempt(attempt)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import aiohttp
 from yarl import URL
 
-from relay.model import HeaderPairs
+from relay.model import Attempt, HeaderPairs
 from relay.outgoing import OutgoingRequest
 
 RESPONSE_BODY_CAP = 64 * 1024
@@ -32,6 +32,34 @@ class SendResult:
     def header(self, name: str) -> str | None:
         wanted = name.lower()
         return next((v for k, v in self.headers if k.lower() == wanted), None)
+
+    def attempt(
+        self,
+        request: OutgoingRequest,
+        *,
+        delivery_id: int,
+        kind: str,
+        outcome: str,
+        upstream: str | None,
+        request_body: bytes | None = None,
+    ) -> Attempt:
+        """The record of this send, as stored for forward, replay and connect alike."""
+        return Attempt(
+            delivery_id=delivery_id,
+            kind=kind,
+            target=request.url,
+            started_at=self.started_at,
+            duration_ms=self.duration_ms,
+            status=self.status,
+            response_headers=self.headers,
+            response_body=self.body,
+            response_truncated=self.truncated,
+            error=self.error,
+            outcome=outcome,
+            upstream=upstream,
+            request_headers=request.headers,
+            request_body=request_body,
+        )
 
 
 async def send(

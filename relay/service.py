@@ -19,6 +19,7 @@ from relay.admin import create_admin_app
 from relay.config import Config, ConfigError
 from relay.events import EventBus
 from relay.forward import Forwarder
+from relay.indexer import Indexer
 from relay.ingest import create_ingest_app
 from relay.metrics import Metrics
 from relay.model import Clock
@@ -48,6 +49,7 @@ class Relay:
         self.store: Store | None = None
         self.session: aiohttp.ClientSession | None = None
         self.forwarder: Forwarder | None = None
+        self.indexer: Indexer | None = None
         self.bound: Bound | None = None
 
     async def start(self) -> Bound:
@@ -62,6 +64,8 @@ class Relay:
                 config, self.store, self.session, self.metrics, self.events, self.clock, self.concurrency
             )
             self.forwarder.start()
+            self.indexer = Indexer(self.store)
+            self.indexer.start()
             ingest = create_ingest_app(config, self.store, self.metrics, self.events, self.clock)
             admin = create_admin_app(config, self.store, self.metrics, self.events, self.clock, self.session)
             ingest_url = await self._listen(ingest, config.relay.ingest_listen.host, config.relay.ingest_listen.port)
@@ -92,6 +96,9 @@ class Relay:
         if self.forwarder is not None:
             await self.forwarder.stop()
             self.forwarder = None
+        if self.indexer is not None:
+            await self.indexer.stop()
+            self.indexer = None
         if self.session is not None:
             await self.session.close()
             self.session = None

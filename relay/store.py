@@ -401,6 +401,35 @@ class Store:
             await self.writer.submit(WriteOp[None](run=vacuum))
         return total
 
+    async def index_bodies(self, limit: int = 500) -> int:
+        """Add up to ``limit`` not yet indexed deliveries to the full-text index; returns how many."""
+
+        def run(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'fts_indexed'").fetchone()
+            mark = int(row[0]) if row else 0
+            upto = conn.execute(
+                "SELECT MAX(id) FROM (SELECT id FROM deliveries WHERE id > ? ORDER BY id LIMIT ?)", (mark, limit)
+            ).fetchone()[0]
+            if upto is None:
+                return 0
+            conn.execute(
+                "INSERT INTO deliveries_fts (rowid, body) SELECT id, CAST(body AS TEXT) FROM deliveries "
+                "WHERE id > ? AND id <= ? AND body IS NOT NULL",
+                (mark, upto),
+            )
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('fts_indexed', ?)", (str(upto),))
+            return int(upto) - mark
+
+        return await self.writer.submit(WriteOp[int](run=run)) or 0
+
+    async def unindexed(self) -> int:
+        """How many deliveries wait for the full-text index."""
+        rows = await self._fetchall(
+            "SELECT COUNT(*) FROM deliveries WHERE id > "
+            "COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'fts_indexed'), 0)"
+        )
+        return int(rows[0][0])
+
     async def check_writable(self, now: float) -> None:
         """Commit a heartbeat row; raises StoreUnavailable when the disk refuses it."""
         await self.writer.submit(
@@ -475,6 +504,8 @@ class Store:
 
     async def list_deliveries(self, f: DeliveryFilter) -> tuple[list[DeliverySummary], int | None]:
         """Newest first, keyset-paginated: returns the page and the ``before`` cursor of the next."""
+        if f.q:
+            await self.catch_up_index()
         where, params = _filter_sql(f)
         rows = await self._fetchall(
             f"""SELECT d.id, d.received_at, d.source, d.verdict, d.verdict_detail, d.prediction_id, d.status,
@@ -502,8 +533,15 @@ class Store:
         ]
         return page, (page[-1].id if len(rows) > f.limit else None)
 
+    async def catch_up_index(self) -> None:
+        """Index everything committed so far, so a search never misses a stored delivery."""
+        while await self.index_bodies(2000):
+            pass
+
     async def delivery_ids(self, f: DeliveryFilter, cap: int) -> list[int]:
         """Ids matching a filter, oldest first (bulk replay keeps the original order)."""
+        if f.q:
+            await self.catch_up_index()
         where, params = _filter_sql(f)
         rows = await self._fetchall(
             f"SELECT d.id FROM deliveries d WHERE {where} ORDER BY d.id LIMIT ?", (*params, cap)

@@ -7,29 +7,54 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from relay.config import Config
 from relay.service import Relay
 
-from support import ScriptedUpstream, make_config
+from support import ScriptedUpstream, UserHandler, make_config
 
 
 @pytest.fixture
-async def upstream_factory() -> AsyncIterator[Callable[..., Awaitable[ScriptedUpstream]]]:
+async def serve() -> AsyncIterator[Callable[..., Awaitable[str]]]:
+    """Start aiohttp apps on real sockets (on a given port, or any); all are closed at teardown.
+
+    ``await serve(app, path, port=None)`` returns the URL of ``path`` on the new server.
+    """
     servers: list[TestServer] = []
 
-    async def make(script: list[Any] | None = None, then: int = 200) -> ScriptedUpstream:
-        upstream = ScriptedUpstream(script=list(script or []), then=then)
-        server = TestServer(upstream.app(), host="127.0.0.1")
+    async def start(app: web.Application, path: str, port: int | None = None) -> str:
+        server = TestServer(app, host="127.0.0.1", port=port)
         await server.start_server()
         servers.append(server)
-        upstream.url = str(server.make_url("/hook"))
-        return upstream
+        return str(server.make_url(path))
 
-    yield make
+    yield start
     for server in servers:
         await server.close()
+
+
+@pytest.fixture
+def upstream_factory(serve: Callable[..., Awaitable[str]]) -> Callable[..., Awaitable[ScriptedUpstream]]:
+    async def make(script: list[Any] | None = None, then: int = 200) -> ScriptedUpstream:
+        upstream = ScriptedUpstream(script=list(script or []), then=then)
+        upstream.url = await serve(upstream.app(), "/hook")
+        return upstream
+
+    return make
+
+
+@pytest.fixture
+def user_handler_factory(serve: Callable[..., Awaitable[str]]) -> Callable[[str], Awaitable[UserHandler]]:
+    """Start a user's validating webhook handler (support.UserHandler); its ``url`` is ``path`` on it."""
+
+    async def make(path: str) -> UserHandler:
+        handler = UserHandler()
+        handler.url = await serve(handler.app(), path)
+        return handler
+
+    return make
 
 
 @pytest.fixture

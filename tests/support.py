@@ -3,20 +3,38 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 from aiohttp import web
+from replicate.webhook import Webhooks, WebhookSigningSecret
+from yarl import URL
 
 from relay.config import Config, parse_config
 from relay.lifecycle import encode, prediction_lifecycle, signed_headers
+from relay.service import Relay
 from relay.verify import decode_secret
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 OTHER_SECRET = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD"
 KEY = decode_secret(SECRET)
+INGEST_PATH = "/webhooks/replicate"
+
+# Debian's Chromium, headless in a container (the browser tests and scripts/screenshots.py).
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 def make_config(
@@ -43,6 +61,24 @@ def signed(
     return signed_headers(key, body, msg_id=msg_id, timestamp=timestamp)
 
 
+async def ingest(
+    http: aiohttp.ClientSession,
+    relay: Relay,
+    body: Any,
+    headers: Mapping[str, str],
+    query: str = "",
+    expect: int = 200,
+) -> int:
+    """POST to the relay's ingest path; check the status and return the delivery id from the answer."""
+    assert relay.bound is not None
+    url = relay.bound.ingest_url + INGEST_PATH + (f"?{query}" if query else "")
+    # encoded=True: send the query exactly as written (yarl would otherwise normalise %2F to /).
+    async with http.post(URL(url, encoded=True), data=body, headers=headers) as resp:
+        text = await resp.text()
+        assert resp.status == expect, text
+        return int(json.loads(text)["delivery"])
+
+
 def lifecycle_bodies(prediction_id: str = "pred123", url: str = "http://relay/webhooks/replicate") -> list[bytes]:
     return [encode(doc) for doc in prediction_lifecycle(prediction_id, url, now=1_700_000_000)]
 
@@ -61,6 +97,34 @@ async def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         await asyncio.sleep(interval)
+
+
+def raw_headers(request: web.Request) -> list[tuple[str, str]]:
+    """The request's headers as they came on the wire: order, case and repeats kept."""
+    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers]
+
+
+def replicate_validate(headers: Mapping[str, str], body: bytes, secret: str = SECRET, tolerance: int = 300) -> None:
+    """Verify like a user's handler would, with the ``replicate`` package (raises when invalid)."""
+    Webhooks.validate(
+        headers=dict(headers), body=body.decode(), secret=WebhookSigningSecret(key=secret), tolerance=tolerance
+    )
+
+
+def replicate_verdict(headers: Mapping[str, str], body: bytes, secret: str = SECRET, tolerance: int = 300) -> str:
+    """``"ok"`` when the ``replicate`` package's validator accepts the request, else what it raised."""
+    try:
+        replicate_validate(headers, body, secret, tolerance)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "ok"
+
+
+def catch_all(handle: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.Application:
+    """An app that answers every method on every path with ``handle``."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app
 
 
 @dataclass
@@ -92,7 +156,7 @@ class ScriptedUpstream:
             Received(
                 request.method,
                 request.path_qs,
-                [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers],
+                raw_headers(request),
                 body,
                 time.time(),
             )
@@ -105,9 +169,39 @@ class ScriptedUpstream:
         return web.Response(status=step, text=f"answer {step}")
 
     def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        return app
+        return catch_all(self.handle)
+
+
+@dataclass
+class Arrival:
+    """One request as a user's handler got it, with the replicate validator's verdict on it."""
+
+    path_qs: str
+    raw_headers: list[tuple[str, str]]  # as on the wire
+    headers: dict[str, str]  # lower-cased names
+    body: bytes
+    verdict: str
+
+
+@dataclass
+class UserHandler:
+    """A user's webhook handler: the replicate validator with a 300 s tolerance, 400 when it raises.
+
+    It records every request and answers ``handler: <verdict>``.
+    """
+
+    arrivals: list[Arrival] = field(default_factory=list)
+    url: str = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        verdict = replicate_verdict(request.headers, body)
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        self.arrivals.append(Arrival(request.path_qs, raw_headers(request), headers, body, verdict))
+        return web.Response(status=200 if verdict == "ok" else 400, text=f"handler: {verdict}")
+
+    def app(self) -> web.Application:
+        return catch_all(self.handle)
 
 
 async def raw_request(base_url: str, raw_head: bytes, body: bytes = b"") -> tuple[int, bytes]:
@@ -116,8 +210,6 @@ async def raw_request(base_url: str, raw_head: bytes, body: bytes = b"") -> tupl
     Client libraries normalise headers; the relay's promise is about what
     arrives on the wire, so some tests must write the wire themselves.
     """
-    from yarl import URL
-
     url = URL(base_url)
     reader, writer = await asyncio.open_connection(url.host, url.port)
     try:

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import aiohttp
 import pytest
 from playwright.async_api import Browser, BrowserContext, Locator, Page, async_playwright, expect
 
@@ -26,25 +25,26 @@ from relay.config import Config, parse_config
 from relay.service import Relay
 from relay.verify import Verdict, decode_secret, verify
 
-from support import KEY, OTHER_SECRET, SECRET, lifecycle_bodies, make_config, signed, wait_until
+from support import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    INGEST_PATH,
+    KEY,
+    OTHER_SECRET,
+    SECRET,
+    ingest,
+    lifecycle_bodies,
+    make_config,
+    signed,
+    wait_until,
+)
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 TIMEOUT_MS = 10_000
 expect.set_options(timeout=TIMEOUT_MS)
 
 OTHER_KEY = decode_secret(OTHER_SECRET)
-INGEST_PATH = "/webhooks/replicate"
 
 
 @dataclass
@@ -116,24 +116,6 @@ async def ui(relay_factory: Any, tmp_path: Path, request: pytest.FixtureRequest)
             await browser.close()
 
 
-async def post(
-    http: aiohttp.ClientSession,
-    relay: Relay,
-    body: bytes,
-    headers: dict[str, str],
-    *,
-    query: str = "",
-    expect_status: int = 200,
-) -> int:
-    """POST a webhook to the ingest listener; returns the stored delivery id."""
-    assert relay.bound is not None
-    url = relay.bound.ingest_url + INGEST_PATH + (f"?{query}" if query else "")
-    async with http.post(url, data=body, headers=headers) as resp:
-        answer = await resp.json()
-        assert resp.status == expect_status, answer
-    return int(answer["delivery"])
-
-
 async def live(page: Page, relay: Relay) -> None:
     """Wait until the page's Server-Sent Events stream is connected and subscribed."""
     await expect(page.locator("#live-status")).to_be_visible()
@@ -154,12 +136,12 @@ async def test_live_list_filter_open_invalid_delivery_and_its_prediction_timelin
     await page.evaluate("window.__not_reloaded = true")
 
     bodies = lifecycle_bodies("pred-browser")
-    start = await post(http, relay, bodies[0], signed(bodies[0]))
+    start = await ingest(http, relay, bodies[0], signed(bodies[0]))
     await expect(row(page, start)).to_be_visible()
     await expect(page.locator("#empty")).to_have_count(0)
-    bad = await post(http, relay, bodies[1], signed(bodies[1], key=OTHER_KEY), expect_status=400)
+    bad = await ingest(http, relay, bodies[1], signed(bodies[1], key=OTHER_KEY), expect=400)
     await expect(row(page, bad).locator("[data-verdict]")).to_have_text("invalid signature")
-    rest = [await post(http, relay, b, signed(b)) for b in bodies[2:]]
+    rest = [await ingest(http, relay, b, signed(b)) for b in bodies[2:]]
     ids = [start, bad, *rest]
     # Newest first, all four arrived live, and the page never reloaded.
     await expect(page.locator("#rows tr[data-id]")).to_have_count(4)
@@ -181,8 +163,8 @@ async def test_live_list_filter_open_invalid_delivery_and_its_prediction_timelin
     # Still live under the filter: a valid delivery stays out, an invalid one comes in.
     await live(page, relay)
     other = lifecycle_bodies("pred-other")[0]
-    valid_other = await post(http, relay, other, signed(other))
-    invalid_other = await post(http, relay, other, signed(other, key=OTHER_KEY), expect_status=400)
+    valid_other = await ingest(http, relay, other, signed(other))
+    invalid_other = await ingest(http, relay, other, signed(other, key=OTHER_KEY), expect=400)
     await expect(row(page, invalid_other)).to_be_visible()
     await expect(row(page, valid_other)).to_have_count(0)
     await expect(rows).to_have_count(2)
@@ -214,7 +196,7 @@ async def test_replay_from_the_delivery_page_to_a_url_as_sent_and_with_an_edited
     test_server = await upstream_factory()
     relay = await relay_factory(make_config(str(tmp_path / "relay.db"), upstreams=[{"url": forwarded_to.url}]))
     body = lifecycle_bodies("pred-replay")[3]
-    delivery = await post(http, relay, body, signed(body))
+    delivery = await ingest(http, relay, body, signed(body))
     await wait_until(lambda: len(forwarded_to.received) == 1)
 
     page = await ui.open(relay, f"/deliveries/{delivery}")
@@ -269,7 +251,7 @@ async def test_replay_from_the_delivery_page_to_a_url_as_sent_and_with_an_edited
 async def test_compare_two_deliveries_from_the_list_shows_a_highlighted_diff(relay_factory, http, ui):
     relay = await relay_factory()
     bodies = lifecycle_bodies("pred-diff")
-    ids = [await post(http, relay, b, signed(b)) for b in bodies]
+    ids = [await ingest(http, relay, b, signed(b)) for b in bodies]
     processing, succeeded = ids[1], ids[3]
 
     page = await ui.open(relay, "/")
@@ -310,7 +292,7 @@ async def test_compare_two_deliveries_from_the_list_shows_a_highlighted_diff(rel
 async def test_reverify_on_the_delivery_page_with_the_configured_and_another_secret(relay_factory, http, ui):
     relay = await relay_factory()
     body = lifecycle_bodies("pred-verify")[0]
-    delivery = await post(http, relay, body, signed(body))
+    delivery = await ingest(http, relay, body, signed(body))
     page = await ui.open(relay, f"/deliveries/{delivery}")
     button = page.locator("#verify-form button[type=submit]")
     verdict = page.locator("#verify-verdict")
@@ -351,7 +333,7 @@ async def test_hostile_payloads_render_as_text_on_list_delivery_and_prediction_p
     await live(page, relay)
     body = json.dumps({"id": XSS_ID, "status": XSS_STATUS}).encode()
     headers = {"Content-Type": "application/json", "X-Evil": XSS_HEADER}
-    delivery = await post(http, relay, body, headers, query="q=" + quote(XSS_QUERY, safe=""))
+    delivery = await ingest(http, relay, body, headers, query="q=" + quote(XSS_QUERY, safe=""))
 
     # The row arrives live (server-rendered fragment inserted by app.js), then again on a full load.
     for how in ("live", "reloaded"):
@@ -407,7 +389,7 @@ def token_config(database: str) -> Config:
 async def test_login_with_the_ui_token_sets_an_httponly_session_cookie(relay_factory, http, ui, tmp_path):
     relay = await relay_factory(token_config(str(tmp_path / "relay.db")))
     body = lifecycle_bodies("pred-login")[0]
-    delivery = await post(http, relay, body, signed(body))
+    delivery = await ingest(http, relay, body, signed(body))
     admin = relay.bound.admin_url
 
     page = await ui.open(relay, "/")
@@ -447,7 +429,7 @@ async def test_login_returns_to_the_exact_page_that_was_asked_for(relay_factory,
     """A bookmarked or shared link with several query parameters survives the login detour."""
     relay = await relay_factory(token_config(str(tmp_path / "relay.db")))
     bodies = lifecycle_bodies("pred-next")
-    ids = [await post(http, relay, b, signed(b)) for b in bodies]
+    ids = [await ingest(http, relay, b, signed(b)) for b in bodies]
     wanted = f"/diff?a={ids[1]}&b={ids[3]}"
 
     page = await ui.open(relay, wanted)

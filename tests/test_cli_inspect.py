@@ -14,24 +14,28 @@ import os
 import re
 import subprocess
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
-from replicate.webhook import Webhooks, WebhookSigningSecret
-from yarl import URL
 
 from relay.lifecycle import encode, prediction_lifecycle
 from relay.service import Relay
 
-from support import KEY, OTHER_SECRET, SECRET, make_config, relay_command, signed, wait_until
+from support import (
+    INGEST_PATH,
+    KEY,
+    OTHER_SECRET,
+    SECRET,
+    UserHandler,
+    ingest,
+    make_config,
+    relay_command,
+    signed,
+    wait_until,
+)
 
-INGEST_PATH = "/webhooks/replicate"
 ANSI = "\x1b["
 
 
@@ -62,17 +66,6 @@ def write_config(tmp_path: Path, db: Path, upstream_url: str | None = None, secr
     path = tmp_path / "cli.toml"
     path.write_text(text)
     return path
-
-
-async def ingest(
-    http: aiohttp.ClientSession, relay: Relay, body: bytes, headers: Any, query: str = "", expect: int = 200
-) -> int:
-    assert relay.bound is not None
-    url = relay.bound.ingest_url + INGEST_PATH + (f"?{query}" if query else "")
-    async with http.post(URL(url, encoded=True), data=body, headers=headers) as resp:
-        text = await resp.text()
-        assert resp.status == expect, text
-        return int(json.loads(text)["delivery"])
 
 
 async def api_get(http: aiohttp.ClientSession, relay: Relay, path: str) -> Any:
@@ -308,39 +301,9 @@ async def test_export_json_prints_the_record(relay_factory, http, tmp_path):
 # --- replay ----------------------------------------------------------------------------
 
 
-@dataclass
-class Handler:
-    """A user's handler: the replicate validator with a 300 s tolerance, 400 when it raises."""
-
-    seen: list[tuple[str, dict[str, str], bytes, str]] = field(default_factory=list)
-    url: str = ""
-
-    async def handle(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        try:
-            Webhooks.validate(
-                headers=dict(request.headers),
-                body=body.decode(),
-                secret=WebhookSigningSecret(key=SECRET),
-                tolerance=300,
-            )
-            verdict = "ok"
-        except Exception as exc:
-            verdict = type(exc).__name__
-        self.seen.append((request.path_qs, {k.lower(): v for k, v in request.headers.items()}, body, verdict))
-        return web.Response(status=200 if verdict == "ok" else 400, text=f"handler: {verdict}")
-
-
 @pytest.fixture
-async def handler() -> AsyncIterator[Handler]:
-    h = Handler()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", h.handle)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    h.url = str(server.make_url("/dev/webhook"))
-    yield h
-    await server.close()
+async def handler(user_handler_factory: Any) -> UserHandler:
+    return await user_handler_factory("/dev/webhook")
 
 
 async def test_replay_one_keep_signature_resigned_and_edited_body(relay_factory, http, tmp_path, handler):
@@ -355,22 +318,22 @@ async def test_replay_one_keep_signature_resigned_and_edited_body(relay_factory,
     kept = await cli("replay", str(did), "--to", handler.url, "--keep-signature", *common)
     assert kept.returncode == 1, kept.stdout + kept.stderr
     assert "HTTP 400" in kept.stdout and "handler: InvalidTimestampError" in kept.stdout
-    assert handler.seen[-1][1]["webhook-timestamp"] == str(old_ts)
+    assert handler.arrivals[-1].headers["webhook-timestamp"] == str(old_ts)
 
     fresh = await cli("replay", str(did), "--to", handler.url, *common)
     assert fresh.returncode == 0, fresh.stdout + fresh.stderr
     assert "HTTP 200" in fresh.stdout and f"{handler.url}?userId=9" in fresh.stdout
-    path_qs, headers, got, verdict = handler.seen[-1]
-    assert (path_qs, got, verdict) == ("/dev/webhook?userId=9", body, "ok")
-    assert headers["webhook-id"] == "msg_cli_old" and abs(int(headers["webhook-timestamp"]) - time.time()) <= 10
+    got = handler.arrivals[-1]
+    assert (got.path_qs, got.body, got.verdict) == ("/dev/webhook?userId=9", body, "ok")
+    assert got.headers["webhook-id"] == "msg_cli_old" and abs(int(got.headers["webhook-timestamp"]) - time.time()) <= 10
 
     edited = '{"id":"pred_cli_replay","status":"failed","error":"edited — ✓ it\'s mine"}'.encode()
     body_file = tmp_path / "edited.json"
     body_file.write_bytes(edited)
     replaced = await cli("replay", str(did), "--to", handler.url, "--keep-signature", "--body", str(body_file), *common)
     assert replaced.returncode == 0, replaced.stdout + replaced.stderr
-    assert handler.seen[-1][2] == edited and handler.seen[-1][3] == "ok"
-    assert len(handler.seen) == 3
+    assert handler.arrivals[-1].body == edited and handler.arrivals[-1].verdict == "ok"
+    assert len(handler.arrivals) == 3
 
     # What the CLI recorded is what the running relay shows.
     record = await api_get(http, relay, f"/api/deliveries/{did}")
@@ -405,7 +368,7 @@ async def test_replay_refusals(relay_factory, http, tmp_path, handler):
     assert unknown_id.returncode == 1 and "no delivery 999" in unknown_id.stderr
     assert bad_url.returncode == 1 and "url: expected an http:// or https:// URL" in bad_url.stderr
     assert no_secret.returncode == 1 and "no secret to re-sign with" in no_secret.stderr
-    assert handler.seen == []
+    assert handler.arrivals == []
     assert (await api_get(http, relay, f"/api/deliveries/{did}"))["replays"] == []
 
 

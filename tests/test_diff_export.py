@@ -14,43 +14,25 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import jsonpatch
 import jsonpointer
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from replicate.webhook import Webhooks, WebhookSigningSecret
-from yarl import URL
 
 from relay.diff import diff_bodies, diff_headers, json_ops
 from relay.lifecycle import encode, prediction_lifecycle
 from relay.service import Relay
 
-from support import SECRET, make_config, relay_command, signed, wait_until
+from support import INGEST_PATH, SECRET, UserHandler, ingest, make_config, relay_command, signed, wait_until
 
-INGEST_PATH = "/webhooks/replicate"
 HOP = {"host", "content-length"}
 
 
 # --- helpers ---------------------------------------------------------------------------
-
-
-async def ingest(
-    http: aiohttp.ClientSession, relay: Relay, body: bytes, headers: Any, query: str = "", expect: int = 200
-) -> int:
-    assert relay.bound is not None
-    url = relay.bound.ingest_url + INGEST_PATH + (f"?{query}" if query else "")
-    async with http.post(URL(url, encoded=True), data=body, headers=headers) as resp:
-        text = await resp.text()
-        assert resp.status == expect, text
-        return int(json.loads(text)["delivery"])
 
 
 async def api_get(http: aiohttp.ClientSession, relay: Relay, path: str) -> tuple[int, Any]:
@@ -279,48 +261,10 @@ async def test_api_diff_of_two_attempts_shows_status_and_response_changes(
 # --- export through bash ---------------------------------------------------------------
 
 
-@dataclass
-class Arrival:
-    path_qs: str
-    headers: list[tuple[str, str]]
-    body: bytes
-    verdict: str
-
-
-@dataclass
-class Receiver:
-    """A real server that records exact arrivals and checks them with the replicate validator (300 s)."""
-
-    arrivals: list[Arrival] = field(default_factory=list)
-    url: str = ""
-
-    async def handle(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        try:
-            Webhooks.validate(
-                headers=dict(request.headers),
-                body=body.decode(),
-                secret=WebhookSigningSecret(key=SECRET),
-                tolerance=300,
-            )
-            verdict = "ok"
-        except Exception as exc:
-            verdict = f"{type(exc).__name__}: {exc}"
-        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers]
-        self.arrivals.append(Arrival(request.path_qs, headers, body, verdict))
-        return web.Response(status=200 if verdict == "ok" else 400, text=verdict)
-
-
 @pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    rec = Receiver()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", rec.handle)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    rec.url = str(server.make_url("/local/hook"))
-    yield rec
-    await server.close()
+async def receiver(user_handler_factory: Any) -> UserHandler:
+    """A user's handler (the replicate validator, 300 s) that records exact arrivals."""
+    return await user_handler_factory("/local/hook")
 
 
 async def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -373,15 +317,15 @@ async def test_exported_curl_run_by_bash_reproduces_body_query_and_signature(rel
     assert exported.stdout.startswith("printf ") and "curl " in exported.stdout
     ran = await bash(exported.stdout)
     assert ran.returncode == 0, ran.stderr
-    assert ran.stdout == "ok"
+    assert ran.stdout == "handler: ok"
     assert len(receiver.arrivals) == 1
     got = receiver.arrivals[0]
     assert got.verdict == "ok"  # the replicate validator, 300 s tolerance, original signature
     assert got.body == body
     assert got.path_qs == f"/local/hook?{query}"
     for name in ("webhook-id", "webhook-timestamp", "webhook-signature"):
-        assert header(got.headers, name) == headers[name]
-    assert comparable(got.headers) == comparable(stored.headers)  # same headers, same order, nothing added
+        assert header(got.raw_headers, name) == headers[name]
+    assert comparable(got.raw_headers) == comparable(stored.headers)  # same headers, same order, nothing added
 
 
 async def test_exported_curl_without_target_goes_back_to_the_relay_and_matches_the_api_export(

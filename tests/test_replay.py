@@ -13,89 +13,38 @@ import collections
 import json
 import sqlite3
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
-from replicate.webhook import Webhooks, WebhookSigningSecret
-from yarl import URL
 
 from relay.service import Relay
 from relay.verify import verify
 
-from support import OTHER_SECRET, SECRET, Received, lifecycle_bodies, make_config, signed, wait_until
+from support import (
+    OTHER_SECRET,
+    SECRET,
+    Received,
+    UserHandler,
+    ingest,
+    lifecycle_bodies,
+    make_config,
+    signed,
+    wait_until,
+)
 
-INGEST_PATH = "/webhooks/replicate"
 QUERY = "userId=123&jobId=456"
 
 
 # --- a user's webhook handler ------------------------------------------------------------
 
 
-@dataclass
-class Seen:
-    path_qs: str
-    headers: dict[str, str]
-    body: bytes
-    verdict: str
-
-
-@dataclass
-class ValidatingApp:
-    """A handler like a user's: the replicate validator with a 300 s tolerance; 400 when it raises."""
-
-    seen: list[Seen] = field(default_factory=list)
-    url: str = ""
-
-    async def handle(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        try:
-            Webhooks.validate(
-                headers=dict(request.headers),
-                body=body.decode(),
-                secret=WebhookSigningSecret(key=SECRET),
-                tolerance=300,
-            )
-        except Exception as exc:
-            verdict = f"{type(exc).__name__}: {exc}"
-            status = 400
-        else:
-            verdict, status = "ok", 200
-        self.seen.append(Seen(request.path_qs, {k.lower(): v for k, v in request.headers.items()}, body, verdict))
-        return web.Response(status=status, text=f"handler says {verdict}")
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        return app
-
-
 @pytest.fixture
-async def handler() -> AsyncIterator[ValidatingApp]:
-    app = ValidatingApp()
-    server = TestServer(app.app(), host="127.0.0.1")
-    await server.start_server()
-    app.url = str(server.make_url("/app/webhook"))
-    yield app
-    await server.close()
+async def handler(user_handler_factory: Any) -> UserHandler:
+    return await user_handler_factory("/app/webhook")
 
 
 # --- helpers ---------------------------------------------------------------------------
-
-
-async def ingest(
-    http: aiohttp.ClientSession, relay: Relay, body: bytes, headers: dict[str, str], query: str = "", expect: int = 200
-) -> int:
-    assert relay.bound is not None
-    url = relay.bound.ingest_url + INGEST_PATH + (f"?{query}" if query else "")
-    async with http.post(URL(url, encoded=True), data=body, headers=headers) as resp:
-        text = await resp.text()
-        assert resp.status == expect, text
-        return int(json.loads(text)["delivery"])
 
 
 async def api(
@@ -156,8 +105,8 @@ async def test_hour_old_delivery_is_rejected_with_its_signature_kept_and_accepte
     assert (attempt["kind"], attempt["status"], attempt["outcome"]) == ("replay", 400, "failed")
     assert "InvalidTimestampError" in attempt["response_body"]
     assert attempt["target"] == f"{handler.url}?{QUERY}"
-    assert len(handler.seen) == 1
-    got = handler.seen[0]
+    assert len(handler.arrivals) == 1
+    got = handler.arrivals[0]
     assert got.verdict.startswith("InvalidTimestampError")
     assert got.body == body
     assert got.path_qs == f"/app/webhook?{QUERY}"
@@ -169,10 +118,10 @@ async def test_hour_old_delivery_is_rejected_with_its_signature_kept_and_accepte
     assert status == 200, fresh
     attempt = fresh["attempt"]
     assert (attempt["kind"], attempt["status"], attempt["outcome"]) == ("replay", 200, "delivered")
-    assert attempt["response_body"] == "handler says ok"
+    assert attempt["response_body"] == "handler: ok"
     assert attempt["duration_ms"] >= 0
-    assert len(handler.seen) == 2
-    got = handler.seen[1]
+    assert len(handler.arrivals) == 2
+    got = handler.arrivals[1]
     assert got.verdict == "ok"
     assert got.body == body
     assert got.path_qs == f"/app/webhook?{QUERY}"
@@ -188,7 +137,7 @@ async def test_hour_old_delivery_is_rejected_with_its_signature_kept_and_accepte
         (fresh["attempt"]["id"], "replay", 200, "delivered"),
     ]
     assert "InvalidTimestampError" in replays[0]["response_body"]
-    assert replays[1]["response_body"] == "handler says ok"
+    assert replays[1]["response_body"] == "handler: ok"
     assert replays[1]["request_body_edited"] is False
 
 
@@ -205,7 +154,7 @@ async def test_edited_body_is_resigned_even_when_asked_to_keep_and_arrives_byte_
     assert status == 200, answer
     assert answer["attempt"]["status"] == 200
     assert answer["attempt"]["request_body_edited"] is True
-    got = handler.seen[-1]
+    got = handler.arrivals[-1]
     assert got.verdict == "ok"
     assert got.body == edited.encode("utf-8")
     assert abs(int(got.headers["webhook-timestamp"]) - time.time()) <= 10
@@ -286,7 +235,7 @@ async def test_replay_of_unknown_delivery_is_404_and_non_json_is_refused(relay_f
     assert status == 404 and "no delivery" in answer["error"]
     status, answer = await api(http, relay, "POST", "/api/deliveries/1/replay", data="{not json")
     assert status == 400 and answer["error"] == "body is not valid JSON"
-    assert handler.seen == []
+    assert handler.arrivals == []
 
 
 # --- bulk replay -----------------------------------------------------------------------
@@ -388,7 +337,7 @@ async def test_bulk_replay_by_ids_counts_each_once_and_reports_failures(relay_fa
     await wait_until(lambda: relay_job_finished(http, relay, queued["job"]), timeout=10)
     _, progress = await api(http, relay, "GET", f"/api/replay/{queued['job']}")
     assert (progress["total"], progress["done"], progress["ok"], progress["failed"]) == (3, 3, 1, 2)
-    assert sorted(s.verdict.split(":")[0] for s in handler.seen) == ["InvalidTimestampError", "ok"]
+    assert sorted(s.verdict.split(":")[0] for s in handler.arrivals) == ["InvalidTimestampError", "ok"]
     assert [r["status"] for r in (await delivery(http, relay, old_id))["replays"]] == [400]
     assert [r["status"] for r in (await delivery(http, relay, ok_id))["replays"]] == [200]
 

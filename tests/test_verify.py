@@ -51,8 +51,9 @@ TS = 1_700_000_000
 BODY = b'{"id": "ufawqhfynnddngldkgtslldrkq", "status": "succeeded"}'
 
 
-def headers(msg_id: str = MSG_ID, ts: int | str = TS, signature: str | None = None,
-            body: bytes = BODY, key: bytes = KEY) -> list[tuple[str, str]]:
+def headers(
+    msg_id: str = MSG_ID, ts: int | str = TS, signature: str | None = None, body: bytes = BODY, key: bytes = KEY
+) -> list[tuple[str, str]]:
     if signature is None:
         signature = sign(key, msg_id, ts, body)
     return [
@@ -63,8 +64,13 @@ def headers(msg_id: str = MSG_ID, ts: int | str = TS, signature: str | None = No
     ]
 
 
-def check(hdrs: list[tuple[str, str]], body: bytes = BODY, key: bytes | None = KEY,
-          now: float = TS, tolerance: int = TOLERANCE) -> Verification:
+def check(
+    hdrs: list[tuple[str, str]],
+    body: bytes = BODY,
+    key: bytes | None = KEY,
+    now: float = TS,
+    tolerance: int = TOLERANCE,
+) -> Verification:
     result = verify(hdrs, body, key, tolerance, now)
     assert isinstance(result, Verification)
     assert isinstance(result.detail, str) and result.detail.strip()
@@ -107,9 +113,7 @@ def test_published_vector_future_301_seconds_earlier(secret, msg_id, ts, body, s
 
 @pytest.mark.parametrize(("secret", "msg_id", "ts", "body", "signature"), VECTORS, ids=VECTOR_IDS)
 @pytest.mark.parametrize("offset", [-300, 300])
-def test_published_vector_at_tolerance_boundary_still_verified(
-    secret, msg_id, ts, body, signature, offset
-):
+def test_published_vector_at_tolerance_boundary_still_verified(secret, msg_id, ts, body, signature, offset):
     result = check(headers(msg_id, ts, signature), body, decode_secret(secret), now=ts + offset)
     assert result.verdict is Verdict.VERIFIED, result.detail
 
@@ -181,12 +185,7 @@ def test_we_sign_and_replicate_validates():
         "Webhook-Signature": sign(KEY, MSG_ID, now, body.encode()),
     }
     # validate() returns None on success and raises otherwise
-    assert (
-        Webhooks.validate(
-            headers=hdrs, body=body, secret=WebhookSigningSecret(key=SECRET), tolerance=300
-        )
-        is None
-    )
+    assert Webhooks.validate(headers=hdrs, body=body, secret=WebhookSigningSecret(key=SECRET), tolerance=300) is None
     pairs = list(hdrs.items())
     assert check(pairs, body.encode(), KEY, now=now).verdict is Verdict.VERIFIED
 
@@ -200,9 +199,7 @@ def test_wrong_secret_fails_in_replicate_and_in_ours():
         "webhook-signature": sign(KEY, MSG_ID, now, body.encode()),
     }
     with pytest.raises(InvalidSignatureError):
-        Webhooks.validate(
-            headers=hdrs, body=body, secret=WebhookSigningSecret(key=OTHER_SECRET), tolerance=300
-        )
+        Webhooks.validate(headers=hdrs, body=body, secret=WebhookSigningSecret(key=OTHER_SECRET), tolerance=300)
     result = check(list(hdrs.items()), body.encode(), decode_secret(OTHER_SECRET), now=now)
     assert result.verdict is Verdict.INVALID_SIGNATURE
 
@@ -339,8 +336,7 @@ def test_empty_body_signed_verifies_and_differs_from_nonempty():
 def test_verification_is_deterministic_and_does_not_read_the_clock():
     # a delivery from 2021 verified against its receipt time, long after the fact
     secret, msg_id, ts, body, signature = VECTORS[0]
-    results = {check(headers(msg_id, ts, signature), body, decode_secret(secret), now=ts + 5)
-               for _ in range(3)}
+    results = {check(headers(msg_id, ts, signature), body, decode_secret(secret), now=ts + 5) for _ in range(3)}
     assert len(results) == 1
     assert results.pop().verdict is Verdict.VERIFIED
 
@@ -380,16 +376,17 @@ timestamps = st.integers(min_value=0, max_value=10**11)
 bodies = st.binary(max_size=512)
 skews = st.integers(min_value=-TOLERANCE, max_value=TOLERANCE)
 keys = st.binary(min_size=1, max_size=64)
+PROPERTY = settings(max_examples=200, database=None, deadline=None)  # every property test
 
 
-@settings(max_examples=200, database=None, deadline=None)
+@PROPERTY
 @given(key=keys, msg_id=msg_ids, ts=timestamps, body=bodies, skew=skews)
 def test_property_sign_then_verify(key, msg_id, ts, body, skew):
     result = verify(headers(msg_id, ts, body=body, key=key), body, key, TOLERANCE, ts + skew)
     assert result.verdict is Verdict.VERIFIED, result.detail
 
 
-@settings(max_examples=200, database=None, deadline=None)
+@PROPERTY
 @given(
     key=keys,
     msg_id=msg_ids,
@@ -407,7 +404,7 @@ def test_property_flipping_a_body_byte_breaks_it(key, msg_id, ts, body, data):
     assert result.verdict is Verdict.INVALID_SIGNATURE, result.detail
 
 
-@settings(max_examples=200, database=None, deadline=None)
+@PROPERTY
 @given(key=keys, msg_id=msg_ids, other_id=msg_ids, ts=timestamps, body=bodies)
 def test_property_changing_the_id_breaks_it(key, msg_id, other_id, ts, body):
     if other_id == msg_id:
@@ -417,12 +414,12 @@ def test_property_changing_the_id_breaks_it(key, msg_id, other_id, ts, body):
     assert result.verdict is Verdict.INVALID_SIGNATURE, result.detail
 
 
-@settings(max_examples=200, database=None, deadline=None)
+@PROPERTY
 @given(
     key=keys,
     msg_id=msg_ids,
     ts=timestamps,
-    delta=st.integers(min_value=-10**6, max_value=10**6).filter(bool),
+    delta=st.integers(min_value=-(10**6), max_value=10**6).filter(bool),
     body=bodies,
 )
 def test_property_changing_the_timestamp_breaks_it(key, msg_id, ts, delta, body):

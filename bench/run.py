@@ -1,0 +1,440 @@
+"""Benchmark: the relay against a bare aiohttp ceiling and mitmdump, under the same wrk load.
+
+    python3 bench/run.py            # full run (several rounds, medians), about 10 minutes
+    python3 bench/run.py --quick    # a few seconds per target, what CI runs so it cannot rot
+
+Every figure printed is measured in this run; results go to bench/results/.
+Load is loopback only and bounded in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import secrets
+import shutil
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from relay.lifecycle import encode, prediction_lifecycle  # noqa: E402
+from relay.verify import decode_secret, sign  # noqa: E402
+
+BENCH = ROOT / "bench"
+RESULTS = BENCH / "results"
+MITM_VENV = BENCH / ".venv-mitm"
+MITM_VERSION = "11.0.2"  # 11.1+ needs Python 3.12
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+KEY = decode_secret(SECRET)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError as exc:
+            if getattr(exc, "code", None):  # an HTTP error still means it is up
+                return
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not come up within {timeout} s")
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+@contextmanager
+def process(args: list[str], health: str, env: dict[str, str] | None = None, log: Path | None = None):  # type: ignore[no-untyped-def]
+    out = open(log, "wb") if log else subprocess.DEVNULL
+    proc = subprocess.Popen(args, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_http(health)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if log:
+            out.close()  # type: ignore[union-attr]
+
+
+def make_requests(path: Path, count: int) -> None:
+    """Pre-signed ~2 KB prediction webhooks with fresh timestamps (wrk's Lua has no HMAC)."""
+    now = int(time.time())
+    with open(path, "w") as fh:
+        written = 0
+        while written < count:
+            prediction = secrets.token_hex(13)
+            for document in prediction_lifecycle(prediction, "https://relay.example.com/webhooks/replicate", now):
+                document["logs"] = (document["logs"] or "") + "".join(
+                    f"step {i:03d}: denoising latents, guidance 3.5, scheduler euler\n" for i in range(14)
+                )
+                body = encode(document).decode()
+                msg_id = "msg_" + secrets.token_urlsafe(18)
+                fh.write(f"{msg_id}\t{now}\t{sign(KEY, msg_id, now, body.encode())}\t{body}\n")
+                written += 1
+
+
+@dataclass
+class WrkResult:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    errors: int
+
+
+def _ms(text: str) -> float:
+    value, unit = re.match(r"([\d.]+)(\w+)", text).groups()  # type: ignore[union-attr]
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
+
+
+def wrk(url: str, requests_file: Path, seconds: float, connections: int, delay_ms: int = 0) -> WrkResult:
+    threads = min(2, connections)
+    env = {
+        **os.environ,
+        "BENCH_REQUESTS": str(requests_file),
+        "BENCH_DELAY_MS": str(delay_ms),
+        "BENCH_THREADS": str(threads),
+    }
+    out = subprocess.run(
+        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(BENCH / "post.lua"), url],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+        check=True,
+    ).stdout
+    latency = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M))
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    errors = int(non2xx.group(1)) if non2xx else 0
+    if socket_errors:
+        errors += sum(int(g) for g in socket_errors.groups())
+    return WrkResult(
+        rps=float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+        p50_ms=_ms(latency["50"]),
+        p99_ms=_ms(latency["99"]),
+        requests=requests,
+        errors=errors,
+    )
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def mitmdump_path() -> Path | None:
+    """mitmdump in its own virtual environment (it pins dependencies the relay does not want)."""
+    exe = MITM_VENV / "bin" / "mitmdump"
+    if exe.exists():
+        return exe
+    print(f"setting up mitmproxy=={MITM_VERSION} in {MITM_VENV} ...", flush=True)
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(MITM_VENV)], check=True, capture_output=True)
+        subprocess.run(
+            [str(MITM_VENV / "bin" / "pip"), "install", "-q", f"mitmproxy=={MITM_VERSION}"],
+            check=True,
+            capture_output=True,
+            timeout=900,
+        )
+    except (subprocess.SubprocessError, OSError) as exc:
+        print(f"mitmproxy unavailable ({exc}); the peer row is skipped", flush=True)
+        shutil.rmtree(MITM_VENV, ignore_errors=True)
+        return None
+    return exe
+
+
+@dataclass
+class Samples:
+    values: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, key: str, value: float) -> None:
+        self.values.setdefault(key, []).append(value)
+
+    def median(self, key: str) -> float | None:
+        found = self.values.get(key)
+        return statistics.median(found) if found else None
+
+
+def relay_config(work: Path, ingest: int, ui: int, sink: int) -> Path:
+    path = work / "relay.toml"
+    path.write_text(
+        f"""[relay]
+database = "{work / "relay.db"}"
+ingest_listen = "127.0.0.1:{ingest}"
+ui_listen = "127.0.0.1:{ui}"
+
+[[sources]]
+name = "replicate"
+path = "/webhooks/replicate"
+secret = "{SECRET}"
+
+[[upstreams]]
+name = "sink"
+source = "replicate"
+url = "http://127.0.0.1:{sink}/hook"
+"""
+    )
+    return path
+
+
+def db_bytes_per_thousand(db: Path) -> float:
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    count = conn.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0]
+    conn.close()
+    size = db.stat().st_size + sum(p.stat().st_size for p in db.parent.glob(db.name + "-*"))
+    return size / count * 1000 if count else float("nan")
+
+
+def run_round(work: Path, requests_file: Path, seconds: float, samples: Samples, mitmdump: Path | None) -> None:
+    sink_port = free_port()
+    with process([sys.executable, str(BENCH / "sink.py"), str(sink_port)], f"http://127.0.0.1:{sink_port}/count"):
+        sink = f"http://127.0.0.1:{sink_port}"
+        # ceiling
+        port = free_port()
+        with process([sys.executable, str(BENCH / "ceiling.py"), str(port)], f"http://127.0.0.1:{port}/"):
+            url = f"http://127.0.0.1:{port}/webhooks/replicate"
+            record(samples, "ceiling", wrk(url, requests_file, seconds, 64), wrk(url, requests_file, seconds, 10, 20))
+        # relay
+        for stale in work.glob("relay.db*"):
+            stale.unlink()
+        urllib.request.urlopen(urllib.request.Request(sink + "/reset", method="POST"), timeout=5).close()
+        ingest, ui = free_port(), free_port()
+        config = relay_config(work, ingest, ui, sink_port)
+        url = f"http://127.0.0.1:{ingest}/webhooks/replicate"
+        with process(
+            [sys.executable, "-m", "relay", "serve", "--config", str(config), "--log-level", "warning"],
+            f"http://127.0.0.1:{ingest}/healthz",
+            log=work / "relay.log",
+        ) as proc:
+            started = time.monotonic()
+            saturated = wrk(url, requests_file, seconds, 64)
+            ingest_seconds = time.monotonic() - started
+            db = sqlite3.connect(work / "relay.db")
+            stored = db.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0]
+            to_forward = db.execute("SELECT COUNT(*) FROM outbox WHERE state != 'skipped'").fetchone()[0]
+            db.close()
+            deadline = time.monotonic() + 300
+            while get_json(sink + "/count")["count"] < to_forward and time.monotonic() < deadline:
+                time.sleep(0.05)
+            drained_seconds = time.monotonic() - started
+            samples.add("relay.ingest_rate", stored / ingest_seconds)
+            samples.add("relay.drain_rate", to_forward / drained_seconds)
+            print(f"  relay stored {stored}, forwarded {to_forward} in {drained_seconds:.1f} s", flush=True)
+            moderate = wrk(url, requests_file, seconds, 10, 20)  # the forwarder drains this as it comes
+            record(samples, "relay", saturated, moderate)
+            samples.add("relay.rss_mb", peak_rss_mb(proc.pid))
+        samples.add("relay.db_bytes_per_1000", db_bytes_per_thousand(work / "relay.db"))
+        # peer: mitmdump as a reverse proxy writing flows to a file, in front of the same sink
+        if mitmdump is not None:
+            port = free_port()
+            flows = work / "flows.mitm"
+            args = [
+                str(mitmdump),
+                "--mode",
+                f"reverse:{sink}",
+                "--listen-host",
+                "127.0.0.1",
+                "--listen-port",
+                str(port),
+                "-w",
+                str(flows),
+                "-q",
+            ]
+            with process(args, f"http://127.0.0.1:{port}/count"):
+                url = f"http://127.0.0.1:{port}/webhooks/replicate"
+                record(samples, "peer", wrk(url, requests_file, seconds, 64), wrk(url, requests_file, seconds, 10, 20))
+            flows.unlink(missing_ok=True)
+
+
+def record(samples: Samples, name: str, saturated: WrkResult, moderate: WrkResult) -> None:
+    samples.add(f"{name}.rps", saturated.rps)
+    samples.add(f"{name}.p50_ms", saturated.p50_ms)
+    samples.add(f"{name}.p99_ms", saturated.p99_ms)
+    samples.add(f"{name}.errors", saturated.errors + moderate.errors)
+    samples.add(f"{name}.moderate_rps", moderate.rps)
+    samples.add(f"{name}.moderate_p50_ms", moderate.p50_ms)
+    samples.add(f"{name}.moderate_p99_ms", moderate.p99_ms)
+    print(
+        f"  {name:8} {saturated.rps:9.0f} req/s  p99 {saturated.p99_ms:6.1f} ms | "
+        f"moderate {moderate.rps:5.0f} req/s p99 {moderate.p99_ms:5.1f} ms | errors {saturated.errors + moderate.errors}",
+        flush=True,
+    )
+
+
+async def query_latency(work: Path, rows: int, samples: Samples) -> None:
+    """List page and full-text search latency through the real API on a database of ``rows`` deliveries."""
+    import aiohttp
+
+    from relay.config import parse_config
+    from relay.service import Relay
+
+    db = work / "big.db"
+    for stale in work.glob("big.db*"):
+        stale.unlink()
+    config = parse_config(
+        {
+            "relay": {"database": str(db), "ingest_listen": "127.0.0.1:0", "ui_listen": "127.0.0.1:0"},
+            "sources": [{"name": "replicate", "path": "/webhooks/replicate", "secret": SECRET}],
+        },
+        env={},
+    )
+    relay = Relay(config)
+    bound = await relay.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            now = int(time.time())
+            needle_every = 1000
+
+            async def post(i: int) -> None:
+                document = prediction_lifecycle(f"p{i // 4:07d}", "https://relay.example.com/w", now)[i % 4]
+                if i % needle_every == 0:
+                    document["error"] = "CUDA out of memory while allocating latents"
+                body = encode(document)
+                msg_id = f"msg_{i}"
+                headers = {
+                    "webhook-id": msg_id,
+                    "webhook-timestamp": str(now),
+                    "webhook-signature": sign(KEY, msg_id, now, body),
+                    "Content-Type": "application/json",
+                }
+                async with session.post(bound.ingest_url + "/webhooks/replicate", data=body, headers=headers) as r:
+                    await r.read()
+
+            t0 = time.monotonic()
+            for start in range(0, rows, 256):
+                await asyncio.gather(*(post(i) for i in range(start, min(start + 256, rows))))
+            print(f"  seeded {rows} deliveries in {time.monotonic() - t0:.1f} s", flush=True)
+            assert relay.store is not None
+            await relay.store.catch_up_index()
+
+            async def timed(path: str, key: str) -> None:
+                for _ in range(30):
+                    t = time.perf_counter()
+                    async with session.get(bound.admin_url + path) as resp:
+                        await resp.read()
+                        assert resp.status == 200, path
+                    samples.add(key, (time.perf_counter() - t) * 1000)
+
+            await timed("/api/deliveries", "query.list_ms")
+            await timed("/api/deliveries?status=succeeded&limit=50", "query.filter_ms")
+            await timed("/api/deliveries?q=CUDA%20out%20of%20memory", "query.fts_ms")
+            await timed("/", "query.page_ms")
+    finally:
+        await relay.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a few seconds per target (CI)")
+    parser.add_argument("--rounds", type=int, help="rounds (default 3, quick 1)")
+    parser.add_argument("--seconds", type=float, help="seconds per wrk run (default 10, quick 2)")
+    parser.add_argument("--rows", type=int, help="deliveries for the query benchmark (default 100000, quick 5000)")
+    parser.add_argument("--no-peer", action="store_true", help="skip mitmdump")
+    args = parser.parse_args()
+    rounds = args.rounds or (1 if args.quick else 3)
+    seconds = args.seconds or (2 if args.quick else 10)
+    rows = args.rows or (5000 if args.quick else 100_000)
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is not installed: apt-get install wrk")
+    mitmdump = None if args.no_peer else mitmdump_path()
+    samples = Samples()
+    with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
+        work = Path(tmp)
+        requests_file = work / "requests.tsv"
+        # Unique requests for the whole relay run: a repeated webhook-id and body is a
+        # duplicate, which the relay stores but does not forward again.
+        make_requests(requests_file, 30_000 if args.quick else int(15_000 * seconds))
+        for number in range(1, rounds + 1):
+            print(f"round {number}/{rounds}", flush=True)
+            run_round(work, requests_file, seconds, samples, mitmdump)
+        print(f"query latency on {rows} deliveries", flush=True)
+        asyncio.run(query_latency(work, rows, samples))
+    report(samples, rounds, seconds, rows, args.quick)
+
+
+def report(samples: Samples, rounds: int, seconds: float, rows: int, quick: bool) -> None:
+    m = samples.median
+    figures = {k: m(k) for k in samples.values}
+    ratio = lambda a, b: (a / b) if a and b else None  # noqa: E731
+    figures["relay/ceiling"] = ratio(m("relay.rps"), m("ceiling.rps"))
+    figures["relay/peer"] = ratio(m("relay.rps"), m("peer.rps"))
+    result = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+        },
+        "settings": {
+            "rounds": rounds,
+            "seconds": seconds,
+            "rows": rows,
+            "quick": quick,
+            "connections": 64,
+            "moderate": "10 connections x 20 ms think time (~500 req/s)",
+        },
+        "medians": figures,
+        "samples": samples.values,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / ("quick.json" if quick else "latest.json")
+    out.write_text(json.dumps(result, indent=2))
+    fmt = lambda v, spec=".0f": "—" if v is None else format(v, spec)  # noqa: E731
+    print()
+    print(f"{'target':10} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'@500 p50':>9} {'@500 p99':>9} {'errors':>7}")
+    for name in ("ceiling", "relay", "peer"):
+        print(
+            f"{name:10} {fmt(m(name + '.rps')):>8} {fmt(m(name + '.p50_ms'), '.1f'):>7} "
+            f"{fmt(m(name + '.p99_ms'), '.1f'):>7} {fmt(m(name + '.moderate_p50_ms'), '.1f'):>9} "
+            f"{fmt(m(name + '.moderate_p99_ms'), '.1f'):>9} {fmt(m(name + '.errors')):>7}"
+        )
+    print()
+    print(f"relay/ceiling {fmt(figures['relay/ceiling'], '.2f')}   relay/peer {fmt(figures['relay/peer'], '.2f')}")
+    print(
+        f"relay ingest {fmt(m('relay.ingest_rate'))}/s, forwarding drain {fmt(m('relay.drain_rate'))}/s, "
+        f"peak RSS {fmt(m('relay.rss_mb'), '.0f')} MB, {fmt(m('relay.db_bytes_per_1000'), ',.0f')} DB bytes/1000"
+    )
+    print(
+        f"{rows} deliveries: list {fmt(m('query.list_ms'), '.1f')} ms, filter {fmt(m('query.filter_ms'), '.1f')} ms, "
+        f"full text {fmt(m('query.fts_ms'), '.1f')} ms, list page HTML {fmt(m('query.page_ms'), '.1f')} ms"
+    )
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()
