@@ -291,7 +291,8 @@ def record(samples: Samples, name: str, saturated: WrkResult, moderate: WrkResul
     samples.add(f"{name}.moderate_p99_ms", moderate.p99_ms)
     print(
         f"  {name:8} {saturated.rps:9.0f} req/s  p99 {saturated.p99_ms:6.1f} ms | "
-        f"moderate {moderate.rps:5.0f} req/s p99 {moderate.p99_ms:5.1f} ms | errors {saturated.errors + moderate.errors}",
+        f"moderate {moderate.rps:5.0f} req/s p99 {moderate.p99_ms:5.1f} ms | "
+        f"errors {saturated.errors + moderate.errors}",
         flush=True,
     )
 
