@@ -14,7 +14,7 @@ from relay.events import Event
 from relay.export import original_curl
 from relay.filters import STATES, FilterError, parse_filter
 from relay.keys import BULK, CLOCK, CONFIG, EVENTS, METRICS, SESSION, STORE
-from relay.render import attempt_json, delivery_json, summary_json, timeline_json
+from relay.render import attempt_event, attempt_json, delivery_json, summary_json, timeline_json
 from relay.replay import ReplayError, ReplayRequest, replay
 from relay.reverify import reverify
 from relay.store import NotFound
@@ -78,17 +78,20 @@ async def events(request: web.Request) -> web.StreamResponse:
         return web.Response(headers=headers)
     response = web.StreamResponse(headers=headers)
     await response.prepare(request)
-    await response.write(b"retry: 2000\n: connected\n\n")
-    async with request.app[EVENTS].subscribe() as queue:
-        while True:
-            try:
-                event = await asyncio.wait_for(queue.get(), SSE_HEARTBEAT_SECONDS)
-            except TimeoutError:
-                await response.write(b": heartbeat\n\n")
-                continue
-            if event is None:
-                break
-            await response.write(sse_frame(event))
+    try:
+        await response.write(b"retry: 2000\n: connected\n\n")
+        async with request.app[EVENTS].subscribe() as queue:
+            while True:
+                try:
+                    event = await asyncio.wait_for(queue.get(), SSE_HEARTBEAT_SECONDS)
+                except TimeoutError:
+                    await response.write(b": heartbeat\n\n")
+                    continue
+                if event is None:
+                    break
+                await response.write(sse_frame(event))
+    except ConnectionResetError:
+        log.debug("event stream client went away")  # the normal end of a browser tab
     return response
 
 
@@ -145,16 +148,7 @@ async def replay_one(request: web.Request) -> web.Response:
     req = replay_request(await read_json(request))
     app = request.app
     attempt = await replay(app[STORE], app[SESSION], app[CONFIG], app[CLOCK], delivery_id(request), req)
-    app[EVENTS].publish(
-        "attempt",
-        {
-            "delivery": attempt.delivery_id,
-            "upstream": attempt.upstream,
-            "outcome": attempt.outcome,
-            "status": attempt.status,
-            "kind": attempt.kind,
-        },
-    )
+    app[EVENTS].publish("attempt", attempt_event(attempt))
     return web.json_response({"attempt": attempt_json(attempt)})
 
 

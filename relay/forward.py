@@ -21,6 +21,7 @@ from relay.metrics import Metrics
 from relay.model import Clock, OutboxItem
 from relay.outgoing import build_request
 from relay.policy import DEAD, DELIVERED, FAILED, RETRY, decide
+from relay.render import attempt_event
 from relay.sender import send
 from relay.store import Store, StoreUnavailable
 
@@ -159,10 +160,7 @@ class Forwarder:
         await self._store.finish_attempt(item.outbox_id, attempt, STATE_FOR_OUTCOME[outcome], next_at, note)
         self._metrics.attempts.labels(upstream.name, "forward", outcome).inc()
         self._metrics.attempt_latency.labels(upstream.name).observe(result.duration_ms / 1000)
-        self._events.publish(
-            "attempt",
-            {"delivery": item.delivery_id, "upstream": upstream.name, "outcome": outcome, "status": result.status},
-        )
+        self._events.publish("attempt", attempt_event(attempt))
         level = logging.INFO if outcome == DELIVERED else logging.WARNING
         log.log(
             level,

@@ -144,3 +144,15 @@ def timeline_json(prediction_id: str, deliveries: list[Delivery]) -> dict[str, A
             for d, event in zip(deliveries, events, strict=True)
         ],
     }
+
+
+def attempt_event(a: Attempt) -> dict[str, Any]:
+    """The SSE ``attempt`` event for a recorded attempt (forward, replay or connect)."""
+    return {
+        "delivery": a.delivery_id,
+        "upstream": a.upstream,
+        "outcome": a.outcome,
+        "status": a.status,
+        "kind": a.kind,
+        "attempt": a.id,
+    }

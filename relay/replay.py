@@ -21,6 +21,7 @@ from relay.events import EventBus
 from relay.model import Attempt, Clock, Delivery
 from relay.outgoing import build_request
 from relay.policy import DELIVERED, FAILED
+from relay.render import attempt_event
 from relay.sender import send
 from relay.store import Store
 from relay.verify import SecretError, decode_secret
@@ -156,6 +157,7 @@ async def replay_many(
     progress: BulkProgress,
     on_progress: Callable[[BulkProgress], None] = lambda p: None,
     concurrency: int = 8,
+    on_attempt: Callable[[Attempt], None] = lambda a: None,
 ) -> BulkProgress:
     """Replay each id once (oldest first, ``concurrency`` at a time), counting each exactly once."""
     semaphore = asyncio.Semaphore(concurrency)
@@ -164,6 +166,7 @@ async def replay_many(
         async with semaphore:
             try:
                 attempt = await replay(store, session, config, clock, delivery_id, req)
+                on_attempt(attempt)
                 ok = attempt.outcome == DELIVERED
             except Exception as exc:  # one bad delivery must not stop the batch; it is counted and logged
                 log.error("bulk replay job %d: delivery %d: %s", progress.job, delivery_id, exc)
@@ -207,6 +210,7 @@ class BulkReplays:
                 req,
                 progress,
                 lambda p: self._events.publish("replay", p.as_json()),
+                on_attempt=lambda a: self._events.publish("attempt", attempt_event(a)),
             ),
             name=f"relay-bulk-replay-{job}",
         )

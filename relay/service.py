@@ -57,7 +57,7 @@ class Relay:
         if config.relay.ui_token is None and not config.relay.ui_listen.is_loopback:
             # parse_config refuses this too; a hand-built Config must not slip past it.
             raise ConfigError("relay.ui_listen: a non-loopback address needs a UI token")
-        self.store = await Store.open(config.relay.database)
+        self.store = await Store.open(config.relay.database, config.relay.commit_timeout_seconds)
         try:
             self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self.concurrency))
             self.forwarder = Forwarder(

@@ -237,17 +237,25 @@ class Store:
     """SQLite storage for deliveries, the outbox and attempts."""
 
     def __init__(
-        self, path: str, wconn: sqlite3.Connection, executor: ThreadPoolExecutor, reader: aiosqlite.Connection
+        self,
+        path: str,
+        wconn: sqlite3.Connection,
+        executor: ThreadPoolExecutor,
+        reader: aiosqlite.Connection,
+        commit_timeout: float = 10.0,
     ) -> None:
         self.path = path
         self._wconn = wconn
         self._executor = executor
         self._reader = reader
-        self.writer = Writer(wconn, executor)
+        self.writer = Writer(wconn, executor, commit_timeout)
 
     @classmethod
-    async def open(cls, path: str | Path) -> Store:
-        """Open (creating or migrating) the database and start the writer."""
+    async def open(cls, path: str | Path, commit_timeout: float = 10.0) -> Store:
+        """Open (creating or migrating) the database and start the writer.
+
+        ``commit_timeout``: a write not committed by then fails its waiter with TimeoutError.
+        """
         path = str(path)
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-writer")
         loop = asyncio.get_running_loop()
@@ -263,7 +271,7 @@ class Store:
             await loop.run_in_executor(executor, wconn.close)
             executor.shutdown(wait=False)
             raise
-        store = cls(path, wconn, executor, reader)
+        store = cls(path, wconn, executor, reader, commit_timeout)
         store.writer.start()
         return store
 
@@ -571,7 +579,7 @@ class Store:
         return _attempt_from_row(rows[0])
 
     async def previous_attempt(self, attempt: Attempt) -> int | None:
-        """The attempt before this one for the same delivery and target kind (for response diffs)."""
+        """The attempt made just before this one for the same delivery, of any kind (for response diffs)."""
         rows = await self._fetchall(
             "SELECT MAX(id) FROM attempts WHERE delivery_id = ? AND id < ?", (attempt.delivery_id, attempt.id)
         )

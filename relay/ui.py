@@ -102,8 +102,12 @@ async def rows_fragment(request: web.Request) -> web.Response:
 async def delivery_page(request: web.Request) -> web.Response:
     store = request.app[STORE]
     delivery = await store.get_delivery(delivery_id(request))
+    attempts = sorted((a for f in delivery.forwarding for a in f.attempts), key=lambda a: a.id or 0)
+    attempts = sorted([*attempts, *delivery.replays], key=lambda a: a.id or 0)
     context = {
         "d": delivery,
+        # "compare with previous response": each attempt against the one made just before it
+        "previous_attempt": {b.id: a.id for a, b in zip(attempts, attempts[1:], strict=False)},
         "text": body_text(delivery.body),
         "pretty": pretty_body(delivery.body),
         "previous": await store.previous_of_prediction(delivery),

@@ -17,6 +17,7 @@ parsing the next requests meanwhile. Reads still use aiosqlite.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -36,6 +37,10 @@ class StoreUnavailable(RuntimeError):
     """A write could not be committed (disk full, database locked, read-only...)."""
 
 
+class CommitTimeout(StoreUnavailable, TimeoutError):
+    """A write was not committed within the deadline (it may still commit later)."""
+
+
 @dataclass
 class WriteOp(Generic[T]):
     """A unit of work for the writer, run inside the batch's transaction.
@@ -52,16 +57,20 @@ class WriteOp(Generic[T]):
     run: Callable[[sqlite3.Connection], T] | None = None
     result: T | None = None
     future: asyncio.Future[T | None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    enqueued_at: float = 0.0
 
 
 class Writer:
     """Drains a queue of WriteOps into transactions on its own thread, one commit per batch."""
 
-    def __init__(self, conn: sqlite3.Connection, executor: ThreadPoolExecutor) -> None:
+    def __init__(self, conn: sqlite3.Connection, executor: ThreadPoolExecutor, deadline_seconds: float = 10.0) -> None:
         self._conn = conn
         self._executor = executor
+        self.deadline_seconds = deadline_seconds
         self._queue: asyncio.Queue[WriteOp[Any]] = asyncio.Queue()
+        self._waiting: collections.deque[WriteOp[Any]] = collections.deque()
         self._task: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
         self._on_commit: list[Callable[[], None]] = []
         self.failing: str | None = None  # the last commit error, until a commit succeeds
 
@@ -70,12 +79,20 @@ class Writer:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="relay-writer")
+        self._watchdog = asyncio.create_task(self._expire(), name="relay-writer-deadline")
 
     async def stop(self) -> None:
         """Commit what is queued, then stop."""
         if self._task is None:
             return
         await self._queue.join()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            try:
+                await self._watchdog
+            except asyncio.CancelledError:
+                pass
+            self._watchdog = None
         self._task.cancel()
         try:
             await self._task
@@ -87,11 +104,28 @@ class Writer:
         """Queue an op; the returned future resolves once its transaction is committed."""
         if self._task is None:
             raise StoreUnavailable("the writer is not running")
+        op.enqueued_at = op.future.get_loop().time()
         self._queue.put_nowait(op)
+        self._waiting.append(op)
         return op.future
 
     async def submit(self, op: WriteOp[T]) -> T | None:
         return await self.enqueue(op)
+
+    async def _expire(self) -> None:
+        """Fail the waiters of writes older than the deadline (one timer, not one per request).
+
+        The write itself stays queued and may still commit: the caller answers
+        503, the sender retries, and the retry is recognised as a duplicate.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(0.25, self.deadline_seconds / 4))
+            cutoff = loop.time() - self.deadline_seconds
+            while self._waiting and (self._waiting[0].future.done() or self._waiting[0].enqueued_at < cutoff):
+                op = self._waiting.popleft()
+                if not op.future.done():
+                    op.future.set_exception(CommitTimeout(f"commit did not finish within {self.deadline_seconds:g} s"))
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
