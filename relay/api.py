@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
 import logging
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
@@ -14,9 +17,11 @@ from relay.events import Event
 from relay.export import original_curl
 from relay.filters import STATES, FilterError, parse_filter
 from relay.keys import BULK, CLOCK, CONFIG, EVENTS, METRICS, SESSION, STORE
+from relay.model import Attempt
 from relay.render import attempt_event, attempt_json, delivery_json, summary_json, timeline_json
 from relay.replay import ReplayError, ReplayRequest, replay
 from relay.reverify import reverify
+from relay.sender import RESPONSE_BODY_CAP
 from relay.store import NotFound
 
 log = logging.getLogger(__name__)
@@ -249,6 +254,37 @@ async def export(request: web.Request) -> web.Response:
     return web.Response(text=original_curl(delivery), content_type="text/plain")
 
 
+async def record_client_attempt(request: web.Request) -> web.Response:
+    """Record an attempt made elsewhere (``relay connect`` on a laptop), so the team sees it."""
+    data = await read_json(request)
+    store = request.app[STORE]
+    delivery = await store.get_delivery(delivery_id(request))
+    try:
+        if data.get("kind") != "connect":
+            raise ValueError("kind: only 'connect' attempts are recorded this way")
+        status = data.get("status")
+        if status is not None and (not isinstance(status, int) or isinstance(status, bool)):
+            raise ValueError("status: expected an integer or null")
+        attempt = Attempt(
+            delivery_id=delivery.id,
+            kind="connect",
+            target=str(data["target"])[:2000],
+            started_at=float(data["started_at"]),
+            duration_ms=float(data["duration_ms"]),
+            status=status,
+            response_headers=tuple((str(k), str(v)) for k, v in data.get("response_headers", [])),
+            response_body=base64.b64decode(str(data.get("response_body_base64", "")))[:RESPONSE_BODY_CAP],
+            response_truncated=bool(data.get("response_truncated", False)),
+            error=None if data.get("error") is None else str(data["error"])[:2000],
+            outcome="error" if status is None else ("delivered" if 200 <= status <= 299 else "failed"),
+        )
+    except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+        raise ReplayError(f"bad attempt record: {exc}") from None
+    attempt_id = await store.record_attempt(attempt)
+    request.app[EVENTS].publish("attempt", attempt_event(replace(attempt, id=attempt_id)))
+    return web.json_response({"attempt": attempt_id}, status=201)
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/deliveries", list_deliveries)
     app.router.add_get("/api/deliveries/{id}", get_delivery)
@@ -256,6 +292,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/deliveries/{id}/export", export)
     app.router.add_post("/api/deliveries/{id}/replay", replay_one)
     app.router.add_post("/api/deliveries/{id}/verify", verify_delivery)
+    app.router.add_post("/api/deliveries/{id}/attempts", record_client_attempt)
     app.router.add_post("/api/replay", replay_bulk)
     app.router.add_get("/api/replay/{job}", replay_job)
     app.router.add_get("/api/diff", diff)

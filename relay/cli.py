@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import aiohttp
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from relay.config import Config, ConfigError, default_config, load_config
 from relay.lifecycle import encode, new_prediction_id, prediction_lifecycle, signed_headers
@@ -162,6 +165,85 @@ def secret(api_base: str, write_config: str | None, source: str) -> None:
     except ReplicateAPIError as exc:
         raise click.ClickException(str(exc)) from None
     err_console.print(f"wrote the signing secret into {write_config} (source {source!r})")
+
+
+@main.command()
+@click.argument("remote")
+@click.option("--token", envvar="RELAY_UI_TOKEN", help="The remote relay's UI/API token [env RELAY_UI_TOKEN].")
+@click.option("--to", "target", required=True, help="Local URL, e.g. http://localhost:3000/webhooks/replicate.")
+@click.option(
+    "--secret",
+    envvar="REPLICATE_WEBHOOK_SECRET",
+    help="Re-sign with the secret your local app expects [env REPLICATE_WEBHOOK_SECRET].",
+)
+@click.option("--keep-signature", is_flag=True, help="Pass the original webhook-* headers instead of re-signing.")
+@click.option("--verdict", help="Only deliveries with this verdict.")
+@click.option("--status", help="Only this prediction status.")
+@click.option("--prediction", help="Only this prediction id.")
+@click.option("--since", help="First replay what was missed: an age such as 1h, or a delivery id.")
+def connect(
+    remote: str,
+    token: str | None,
+    target: str,
+    secret: str | None,
+    keep_signature: bool,
+    verdict: str | None,
+    status: str | None,
+    prediction: str | None,
+    since: str | None,
+) -> None:
+    """Stream a deployed relay's deliveries to a local dev server (talks to REMOTE's API).
+
+    Each new delivery is POSTed to --to with its exact body and query string,
+    re-signed with a fresh timestamp, and recorded on the remote relay as an
+    attempt of kind connect. Survives dropped connections and remote restarts.
+    """
+    from relay.connect import ConnectError, ConnectOptions, Connector, Forwarded
+
+    if keep_signature:
+        key = None
+    elif not secret:
+        raise click.UsageError("give --secret (or REPLICATE_WEBHOOK_SECRET), or --keep-signature")
+    else:
+        try:
+            key = decode_secret(secret)
+        except SecretError as exc:
+            raise click.BadParameter(str(exc), param_hint="--secret") from None
+    filters = {k: v for k, v in (("verdict", verdict), ("status", status), ("prediction", prediction)) if v}
+    options = ConnectOptions(remote=remote, token=token, target=target, sign_key=key, filters=filters)
+
+    def show(f: Forwarded) -> None:
+        d, r = f.delivery, f.result
+        ok = r.status is not None and 200 <= r.status <= 299
+        answer = f"HTTP {r.status}" if r.status is not None else (r.error or "no answer")
+        line = Text(time.strftime("%H:%M:%S "), style="dim")
+        line.append(f"#{d['id']} ").append(f"{d['prediction']['id'] or '-'} ", style="cyan")
+        line.append(f"{d['prediction']['status'] or '-':<10} ")
+        line.append(answer, style="green" if ok else "red").append(f"  {r.duration_ms:.0f} ms", style="dim")
+        console.print(line)
+
+    async def run() -> None:
+        connector = Connector(options, show)
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)  # also interrupts a quiet event stream at once
+        try:
+            await connector.start_at(since)
+            err_console.print(f"connected to {remote}; forwarding to {target} (Ctrl+C to stop)")
+            await connector.follow(asyncio.Event())
+        except asyncio.CancelledError:
+            err_console.print(f"stopped; last delivery handled: {connector.last_id}")
+        finally:
+            await connector.close()
+
+    try:
+        asyncio.run(run())
+    except ConnectError as exc:
+        raise click.ClickException(str(exc)) from None
+    except aiohttp.ClientError as exc:
+        raise click.ClickException(f"cannot reach {remote}: {exc}") from None
 
 
 # The inspection commands register themselves on ``main``.
