@@ -23,6 +23,7 @@ from relay.indexer import Indexer
 from relay.ingest import create_ingest_app
 from relay.metrics import Metrics
 from relay.model import Clock
+from relay.retention import Retention
 from relay.store import Store
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class Relay:
         self.session: aiohttp.ClientSession | None = None
         self.forwarder: Forwarder | None = None
         self.indexer: Indexer | None = None
+        self.retention: Retention | None = None
         self.bound: Bound | None = None
 
     async def start(self) -> Bound:
@@ -66,6 +68,8 @@ class Relay:
             self.forwarder.start()
             self.indexer = Indexer(self.store)
             self.indexer.start()
+            self.retention = Retention(self.store, config.relay.retention_days, self.clock)
+            self.retention.start()
             ingest = create_ingest_app(config, self.store, self.metrics, self.events, self.clock)
             admin = create_admin_app(config, self.store, self.metrics, self.events, self.clock, self.session)
             ingest_url = await self._listen(ingest, config.relay.ingest_listen.host, config.relay.ingest_listen.port)
@@ -96,6 +100,9 @@ class Relay:
         if self.forwarder is not None:
             await self.forwarder.stop()
             self.forwarder = None
+        if self.retention is not None:
+            await self.retention.stop()
+            self.retention = None
         if self.indexer is not None:
             await self.indexer.stop()
             self.indexer = None

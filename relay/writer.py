@@ -161,12 +161,18 @@ class Writer:
             if any(op.with_id for op in batch):
                 # Ids are taken inside the transaction so that rows can be inserted
                 # with executemany and still be known to the caller.
-                next_id = conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM deliveries").fetchone()[0]
+                # meta.delivery_seq remembers the highest id ever given, so ids are never
+                # reused after prune deletes the newest rows (links and logs name them).
+                next_id = conn.execute(
+                    "SELECT MAX(COALESCE((SELECT MAX(id) FROM deliveries), 0), "
+                    "COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'delivery_seq'), 0)) + 1"
+                ).fetchone()[0]
                 for op in batch:
                     if op.with_id:
                         op.rows = op.with_id(next_id)
                         op.result = next_id
                         next_id += 1
+                conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('delivery_seq', ?)", (str(next_id - 1),))
             grouped: dict[str, list[Sequence[Any]]] = {}
             for op in batch:
                 for sql, params in op.rows:
