@@ -26,6 +26,7 @@ class Indexer:
         self._store = store
         self._activity = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def touch(self) -> None:
         """Called after each commit: there may be new bodies, and the writer is busy."""
@@ -36,6 +37,10 @@ class Indexer:
         self._task = asyncio.create_task(self._loop(), name="relay-indexer")
 
     async def stop(self) -> None:
+        # The flag as well as the cancel: on Python 3.11 asyncio.wait_for can swallow a
+        # cancel that lands as its inner wait completes, and the loop must still end.
+        self._stopping = True
+        self._activity.set()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -44,15 +49,18 @@ class Indexer:
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        while not self._stopping:
             await self._activity.wait()
             deadline = loop.time() + MAX_DEFER_SECONDS
-            while loop.time() < deadline:  # wait for a quiet moment
+            while loop.time() < deadline and not self._stopping:  # wait for a quiet moment
                 self._activity.clear()
                 try:
-                    await asyncio.wait_for(self._activity.wait(), QUIET_SECONDS)
+                    async with asyncio.timeout(QUIET_SECONDS):
+                        await self._activity.wait()
                 except TimeoutError:
                     break
+            if self._stopping:
+                return
             self._activity.clear()
             try:
                 if await self._store.unindexed() == 0:
