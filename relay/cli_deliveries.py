@@ -415,7 +415,7 @@ def replay_cmd(
 @database_options
 @click.option("--older-than", help="Age such as 30d (default: the config's retention_days).")
 def prune(config_path: str | None, database: str | None, older_than: str | None) -> None:
-    """Delete deliveries older than the retention period, with their attempts (writes the database)."""
+    """Delete deliveries older than the retention period, with their attempts; compact (writes the database)."""
 
     async def work(config: Config, store: Store) -> int:
         age = older_than or f"{config.relay.retention_days}d"
@@ -424,7 +424,7 @@ def prune(config_path: str | None, database: str | None, older_than: str | None)
         except FilterError:
             raise click.BadParameter(f"expected an age such as 30d, got {age!r}", param_hint="--older-than") from None
         assert cutoff is not None
-        return await store.prune(cutoff)
+        return await store.prune(cutoff, compact=True)
 
     deleted = run(config_path, database, work)
     console.print(f"deleted {deleted} deliveries")
