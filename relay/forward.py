@@ -24,6 +24,7 @@ from relay.policy import DEAD, DELIVERED, FAILED, RETRY, decide
 from relay.render import attempt_event
 from relay.sender import send
 from relay.store import Store, StoreUnavailable
+from relay.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +72,8 @@ class Forwarder:
     async def stop(self) -> None:
         """Stop taking rows; let attempts in flight finish and be recorded."""
         self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if self._inflight:
             await asyncio.gather(*self._inflight.values(), return_exceptions=True)
 

@@ -9,10 +9,10 @@ and a burst of webhooks is answered at full speed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from relay.store import Store, StoreUnavailable
+from relay.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +41,8 @@ class Indexer:
         # cancel that lands as its inner wait completes, and the loop must still end.
         self._stopping = True
         self._activity.set()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()

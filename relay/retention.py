@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from relay.model import Clock
 from relay.store import Store, StoreUnavailable
+from relay.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +26,8 @@ class Retention:
         self._task = asyncio.create_task(self._loop(), name="relay-retention")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def run_once(self) -> int:
         deleted = await self._store.prune(self._clock() - self._max_age)

@@ -29,6 +29,7 @@ from relay.store import Store
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_SECONDS = 10.0
+KEEPALIVE_SECONDS = 75.0
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,11 @@ class Relay:
         return self.bound
 
     async def _listen(self, app: web.Application, host: str, port: int) -> str:
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
+        # keepalive_timeout: aiohttp's default keeps an idle connection for an hour; a public
+        # listener should not hold sockets for clients that went quiet.
+        runner = web.AppRunner(
+            app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_SECONDS, keepalive_timeout=KEEPALIVE_SECONDS
+        )
         await runner.setup()
         self._runners.append(runner)
         site = web.TCPSite(runner, host, port, backlog=1024)

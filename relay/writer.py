@@ -25,6 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from relay.tasks import cancel_and_wait
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -86,18 +88,9 @@ class Writer:
         if self._task is None:
             return
         await self._queue.join()
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            try:
-                await self._watchdog
-            except asyncio.CancelledError:
-                pass
-            self._watchdog = None
-        self._task.cancel()
-        try:
-            await self._task
-        except asyncio.CancelledError:
-            pass
+        await cancel_and_wait(self._watchdog)
+        self._watchdog = None
+        await cancel_and_wait(self._task)
         self._task = None
 
     def enqueue(self, op: WriteOp[T]) -> asyncio.Future[T | None]:
