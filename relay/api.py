@@ -12,14 +12,14 @@ from typing import Any
 
 from aiohttp import web
 
-from relay.diff import diff_attempts, diff_deliveries
+from relay.compare import Comparison, compare_attempts, compare_deliveries
 from relay.events import Event
 from relay.export import original_curl
 from relay.filters import STATES, FilterError, parse_filter
 from relay.keys import BULK, CLOCK, CONFIG, EVENTS, METRICS, SESSION, STORE
 from relay.model import Attempt
 from relay.render import attempt_event, attempt_json, delivery_json, summary_json, timeline_json
-from relay.replay import ReplayError, ReplayRequest, replay
+from relay.replay import ReplayError, ReplayRequest, bulk_filter, check_target, replay
 from relay.reverify import reverify
 from relay.sender import RESPONSE_BODY_CAP
 from relay.store import NotFound
@@ -167,7 +167,7 @@ async def replay_bulk(request: web.Request) -> web.Response:
     ids = data.pop("ids", None)
     raw_filter = data.pop("filter", None)
     req = replay_request(data)
-    _target_check(app, req)
+    check_target(app[CONFIG], req)
     if ids is not None:
         if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
             raise ReplayError("ids: expected a list of delivery ids")
@@ -175,20 +175,11 @@ async def replay_bulk(request: web.Request) -> web.Response:
     else:
         if not isinstance(raw_filter, dict):
             raise ReplayError("give ids or a filter")
-        params = {str(k): str(v) for k, v in raw_filter.items()}
-        if req.upstream is not None and params.get("state") and not params.get("upstream"):
-            params["upstream"] = req.upstream  # "dead" means dead for the upstream replayed to
+        params = bulk_filter({str(k): str(v) for k, v in raw_filter.items()}, req)
         f = parse_filter(params, app[CLOCK]())
         selected = await app[STORE].delivery_ids(f, BULK_CAP)
     progress = app[BULK].start(selected, req)
     return web.json_response({"queued": len(selected), "job": progress.job}, status=202)
-
-
-def _target_check(app: web.Application, req: ReplayRequest) -> None:
-    if (req.upstream is None) == (req.url is None):
-        raise ReplayError("give exactly one of upstream or url")
-    if req.upstream is not None and all(u.name != req.upstream for u in app[CONFIG].upstreams):
-        raise ReplayError(f"upstream: no upstream named {req.upstream!r}")
 
 
 async def replay_job(request: web.Request) -> web.Response:
@@ -218,29 +209,19 @@ def _int_param(request: web.Request, name: str) -> int | None:
 
 
 async def diff(request: web.Request) -> web.Response:
-    return web.json_response(await compute_diff(request))
+    return web.json_response((await compute_diff(request)).result)
 
 
-async def compute_diff(request: web.Request) -> dict[str, Any]:
-    """Deliveries ``a`` and ``b`` (``a`` defaults to the previous event of b's prediction), or attempts."""
+async def compute_diff(request: web.Request) -> Comparison:
+    """Parse the diff parameters (shared by GET /api/diff and the /diff page) and compare."""
     store = request.app[STORE]
-    attempt_a, attempt_b = _int_param(request, "attempt_a"), _int_param(request, "attempt_b")
+    attempt_b = _int_param(request, "attempt_b")
     if attempt_b is not None:
-        b_attempt = await store.get_attempt(attempt_b)
-        if attempt_a is None:
-            attempt_a = await store.previous_attempt(b_attempt)
-            if attempt_a is None:
-                raise NotFound(f"attempt {attempt_b} has no earlier attempt to compare with")
-        return diff_attempts(await store.get_attempt(attempt_a), b_attempt)
-    a, b = _int_param(request, "a"), _int_param(request, "b")
+        return await compare_attempts(store, _int_param(request, "attempt_a"), attempt_b)
+    b = _int_param(request, "b")
     if b is None:
         raise FilterError("b", "required (a delivery id)")
-    right = await store.get_delivery(b)
-    if a is None:
-        a = await store.previous_of_prediction(right)
-        if a is None:
-            raise NotFound(f"delivery {b} has no earlier event of the same prediction")
-    return diff_deliveries(await store.get_delivery(a), right)
+    return await compare_deliveries(store, _int_param(request, "a"), b)
 
 
 async def export(request: web.Request) -> web.Response:

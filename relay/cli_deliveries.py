@@ -25,13 +25,13 @@ from rich.table import Table
 from rich.text import Text
 
 from relay.cli import _load, main
+from relay.compare import compare_attempts, compare_deliveries
 from relay.config import Config
-from relay.diff import diff_attempts, diff_deliveries
 from relay.export import original_curl
 from relay.filters import FilterError, parse_filter
 from relay.model import display_text, rfc3339
 from relay.render import delivery_json, pretty_body, summary_json
-from relay.replay import BulkProgress, ReplayError, ReplayRequest, replay, replay_many
+from relay.replay import BulkProgress, ReplayError, ReplayRequest, bulk_filter, replay, replay_many
 from relay.reverify import reverify
 from relay.store import NotFound, Store, StoreUnavailable
 from relay.verify import SecretError, decode_secret
@@ -110,7 +110,6 @@ def _filter_params(opts: dict[str, Any]) -> dict[str, str]:
         "search": "q",
         "since": "since",
         "until": "until",
-        "upstream_filter": "upstream",
     }
     return {keys[k]: str(v) for k, v in opts.items() if k in keys and v is not None}
 
@@ -225,16 +224,13 @@ def diff(config_path: str | None, database: str | None, ids: tuple[int, ...], at
     if len(ids) > 2:
         raise click.UsageError("give one or two ids")
 
+    if attempts and len(ids) != 2:
+        raise click.UsageError("--attempts needs two attempt ids")
+    left_id = ids[0] if len(ids) == 2 else None
+
     async def work(config: Config, store: Store) -> dict[str, Any]:
-        if attempts:
-            if len(ids) != 2:
-                raise click.UsageError("--attempts needs two attempt ids")
-            return diff_attempts(await store.get_attempt(ids[0]), await store.get_attempt(ids[1]))
-        right = await store.get_delivery(ids[-1])
-        left_id = ids[0] if len(ids) == 2 else await store.previous_of_prediction(right)
-        if left_id is None:
-            raise NotFound(f"delivery {ids[-1]} has no earlier event of the same prediction")
-        return diff_deliveries(await store.get_delivery(left_id), right)
+        compare = compare_attempts if attempts else compare_deliveries
+        return (await compare(store, left_id, ids[-1])).result
 
     result = run(config_path, database, work)
     if as_json:
@@ -360,8 +356,7 @@ def replay_cmd(
         raise click.UsageError("give a delivery id or filters, not both")
     if delivery_id is None and not params:
         raise click.UsageError("give a delivery id, or filters for a bulk replay (e.g. --state dead --since 24h)")
-    if upstream and "state" in params:
-        params["upstream"] = upstream  # 'dead' means dead for the upstream being replayed to
+    params = bulk_filter(params, req)
 
     async def work(config: Config, store: Store) -> Any:
         async with aiohttp.ClientSession() as session:

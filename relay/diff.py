@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import json
 from typing import Any
 
 import jsonpatch
@@ -18,6 +17,7 @@ import jsonpointer
 
 from relay.model import Attempt, Delivery, HeaderPairs, display_text
 from relay.prediction import parse_body
+from relay.render import pretty_body
 
 
 def diff_headers(a: HeaderPairs, b: HeaderPairs) -> list[dict[str, Any]]:
@@ -84,10 +84,8 @@ def side_by_side(a: bytes | None, b: bytes | None) -> list[tuple[str, str, str]]
     """Aligned (tag, left line, right line) rows for the UI; JSON is pretty-printed first."""
 
     def lines(body: bytes | None) -> list[str]:
-        document, fmt = parse_body(body)
-        if fmt == "json":
-            return json.dumps(document, indent=2, ensure_ascii=False, sort_keys=False).splitlines()
-        return (body or b"").decode("utf-8", "replace").splitlines()
+        pretty = pretty_body(body)
+        return (pretty if pretty is not None else (body or b"").decode("utf-8", "replace")).splitlines()
 
     left, right = lines(a), lines(b)
     rows: list[tuple[str, str, str]] = []

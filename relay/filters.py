@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from datetime import datetime
 
 from relay.verify import Verdict
@@ -36,18 +36,6 @@ class DeliveryFilter:
     before: int | None = None
     after: int | None = None
     limit: int = DEFAULT_LIMIT
-
-    def with_cursor(self, before: int | None) -> DeliveryFilter:
-        return replace(self, before=before)
-
-    def query_params(self) -> dict[str, str]:
-        """The filter as query parameters (for 'next page' links and bulk replay)."""
-        out = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value is not None and not (f.name == "limit" and value == DEFAULT_LIMIT):
-                out[f.name] = str(value)
-        return out
 
 
 def parse_time(param: str, text: str, now: float) -> float:

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from relay.config import Config, SourceConfig
+from relay.config import Config, SourceConfig, UpstreamConfig
 from relay.events import EventBus
 from relay.keys import CLOCK, CONFIG, EVENTS, METRICS, STORE, Clock
 from relay.metrics import Metrics
@@ -97,7 +97,9 @@ async def capture(request: web.Request, source: SourceConfig, config: Config, no
     )
 
 
-def make_handler(source: SourceConfig) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+def make_handler(
+    source: SourceConfig, upstreams: tuple[UpstreamConfig, ...]
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handle(request: web.Request) -> web.StreamResponse:
         if request.method != "POST":
             return web.json_response({"error": "method not allowed"}, status=405, headers={"Allow": "POST"})
@@ -106,9 +108,7 @@ def make_handler(source: SourceConfig) -> Callable[[web.Request], Awaitable[web.
         clock: Clock = app[CLOCK]
         started = asyncio.get_running_loop().time()
         cap = await capture(request, source, config, clock())
-        plans = plan_forwards(
-            source, config.upstreams_of(source.name), cap.verdict, cap.body is not None, cap.prediction.id
-        )
+        plans = plan_forwards(source, upstreams, cap.verdict, cap.body is not None, cap.prediction.id)
         try:
             # The writer fails this wait after commit_timeout_seconds (TimeoutError); the
             # write stays queued and nothing is half-written either way.
@@ -160,7 +160,7 @@ def create_ingest_app(
     app[EVENTS] = events
     app[CLOCK] = clock
     for source in config.sources:
-        app.router.add_route("*", source.path, make_handler(source))
+        app.router.add_route("*", source.path, make_handler(source, config.upstreams_of(source.name)))
     app.router.add_get("/healthz", healthz)
     app.router.add_route("*", "/{tail:.*}", not_found)
     return app

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from relay.config import Config
+from relay.config import Config, UpstreamConfig
 from relay.events import EventBus
 from relay.model import Attempt, Clock, Delivery
 from relay.outgoing import build_request
@@ -46,10 +46,33 @@ class ReplayRequest:
     kind: str = "replay"
 
 
-def _target(config: Config, delivery: Delivery, req: ReplayRequest) -> tuple[str, float, str | None, bytes | None]:
-    """(url, timeout, upstream name, signing key) for a replay request."""
+def check_target(config: Config, req: ReplayRequest) -> UpstreamConfig | None:
+    """Refuse a replay target that cannot work (before any delivery is read); the upstream, if named."""
     if (req.upstream is None) == (req.url is None):
         raise ReplayError("give exactly one of upstream or url")
+    if req.upstream is not None:
+        try:
+            return config.upstream(req.upstream)
+        except KeyError:
+            names = ", ".join(u.name for u in config.upstreams) or "none configured"
+            raise ReplayError(f"upstream: no upstream named {req.upstream!r} ({names})") from None
+    assert req.url is not None
+    parts = urlsplit(req.url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ReplayError(f"url: expected an http:// or https:// URL, got {req.url!r}")
+    return None
+
+
+def bulk_filter(params: dict[str, str], req: ReplayRequest) -> dict[str, str]:
+    """A bulk replay's filter: replaying to an upstream, a ``state`` means that state *for that upstream*."""
+    if req.upstream is not None and params.get("state") and not params.get("upstream"):
+        return {**params, "upstream": req.upstream}
+    return params
+
+
+def _target(config: Config, delivery: Delivery, req: ReplayRequest) -> tuple[str, float, str | None, bytes | None]:
+    """(url, timeout, upstream name, signing key) for a replay request."""
+    upstream = check_target(config, req)
     key: bytes | None = None
     if req.secret:
         try:
@@ -57,18 +80,10 @@ def _target(config: Config, delivery: Delivery, req: ReplayRequest) -> tuple[str
         except SecretError as exc:
             raise ReplayError(f"secret: {exc}") from None
     source_secret = next((s.secret for s in config.sources if s.name == delivery.source), None)
-    if req.upstream is not None:
-        try:
-            upstream = config.upstream(req.upstream)
-        except KeyError:
-            names = ", ".join(u.name for u in config.upstreams) or "none configured"
-            raise ReplayError(f"upstream: no upstream named {req.upstream!r} ({names})") from None
+    if upstream is not None:
         secret = upstream.secret or source_secret
         return upstream.url, upstream.timeout_seconds, upstream.name, key or (secret.key if secret else None)
     assert req.url is not None
-    parts = urlsplit(req.url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ReplayError(f"url: expected an http:// or https:// URL, got {req.url!r}")
     return req.url, DEFAULT_TIMEOUT_SECONDS, None, key or (source_secret.key if source_secret else None)
 
 

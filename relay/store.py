@@ -96,14 +96,18 @@ def _filter_sql(f: DeliveryFilter) -> tuple[str, list[Any]]:
     """WHERE clause and parameters for a list filter (all values bound, never interpolated)."""
     clauses = ["1 = 1"]
     params: list[Any] = []
-    for column, value in (
-        ("d.source", f.source),
-        ("d.verdict", f.verdict),
-        ("d.prediction_id", f.prediction),
-        ("d.status", f.status),
+    for clause, value in (
+        ("d.source = ?", f.source),
+        ("d.verdict = ?", f.verdict),
+        ("d.prediction_id = ?", f.prediction),
+        ("d.status = ?", f.status),
+        ("d.received_at >= ?", f.since),
+        ("d.received_at <= ?", f.until),
+        ("d.id < ?", f.before),
+        ("d.id > ?", f.after),
     ):
         if value is not None:
-            clauses.append(f"{column} = ?")
+            clauses.append(clause)
             params.append(value)
     if f.state is not None or f.upstream is not None:
         sub = "SELECT 1 FROM outbox o WHERE o.delivery_id = d.id"
@@ -117,18 +121,6 @@ def _filter_sql(f: DeliveryFilter) -> tuple[str, list[Any]]:
     if f.q:
         clauses.append("d.id IN (SELECT rowid FROM deliveries_fts WHERE deliveries_fts MATCH ?)")
         params.append(fts_phrase(f.q))
-    if f.since is not None:
-        clauses.append("d.received_at >= ?")
-        params.append(f.since)
-    if f.until is not None:
-        clauses.append("d.received_at <= ?")
-        params.append(f.until)
-    if f.before is not None:
-        clauses.append("d.id < ?")
-        params.append(f.before)
-    if f.after is not None:
-        clauses.append("d.id > ?")
-        params.append(f.after)
     return " AND ".join(clauses), params
 
 

@@ -102,8 +102,8 @@ async def rows_fragment(request: web.Request) -> web.Response:
 async def delivery_page(request: web.Request) -> web.Response:
     store = request.app[STORE]
     delivery = await store.get_delivery(delivery_id(request))
-    attempts = sorted((a for f in delivery.forwarding for a in f.attempts), key=lambda a: a.id or 0)
-    attempts = sorted([*attempts, *delivery.replays], key=lambda a: a.id or 0)
+    forwards = [a for f in delivery.forwarding for a in f.attempts]
+    attempts = sorted([*forwards, *delivery.replays], key=lambda a: a.id or 0)
     context = {
         "d": delivery,
         # "compare with previous response": each attempt against the one made just before it
@@ -128,17 +128,9 @@ async def prediction_page(request: web.Request) -> web.Response:
 
 async def diff_page(request: web.Request) -> web.Response:
     """Side by side: the same computation as GET /api/diff, plus aligned lines for display."""
-    result = await compute_diff(request)
-    store = request.app[STORE]
-    left: bytes | None
-    right: bytes | None
-    if result["kind"] == "attempts":
-        left_a, right_a = await store.get_attempt(result["a"]), await store.get_attempt(result["b"])
-        left, right = left_a.response_body, right_a.response_body
-    else:
-        left = (await store.get_delivery(result["a"])).body
-        right = (await store.get_delivery(result["b"])).body
-    return render_page(request, "diff.html", {"r": result, "rows": side_by_side(left, right)})
+    comparison = await compute_diff(request)
+    rows = side_by_side(comparison.left, comparison.right)
+    return render_page(request, "diff.html", {"r": comparison.result, "rows": rows})
 
 
 def safe_next(target: str | None) -> str:

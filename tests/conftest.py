@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from playwright.async_api import async_playwright
 
 from relay.config import Config
 from relay.service import Relay
 
-from support import ScriptedUpstream, UserHandler, make_config
+from support import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS, UI, ScriptedUpstream, UserHandler, make_config
 
 
 @pytest.fixture
@@ -77,3 +79,26 @@ async def relay_factory(tmp_path: Any) -> AsyncIterator[Callable[..., Awaitable[
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+@pytest.fixture
+async def ui(relay_factory: Any, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[UI]:
+    """A fresh Chromium per test, closed at teardown (before the relays stop: this fixture needs
+    ``relay_factory``, so it is torn down first). On failure it saves screenshots first."""
+    failed_before = request.session.testsfailed
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            context = await browser.new_context(viewport={"width": 1280, "height": 900})
+            context.set_default_timeout(TIMEOUT_MS)
+            page = await context.new_page()
+            handle = UI(browser, context, page, tmp_path / "screenshots")
+            page.on("pageerror", lambda exc: handle.js_errors.append(str(exc)))
+            yield handle
+            # The call phase's report is logged before teardown runs, so a failed test has
+            # already been counted here; no conftest hook is needed to know it.
+            if request.session.testsfailed > failed_before:
+                written = await handle.save_failure()
+                print(f"screenshots of the failed browser test: {[str(path) for path in written]}")
+        finally:
+            await browser.close()

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aiohttp import web
+from playwright.async_api import Browser, BrowserContext, Page
 from replicate.webhook import Webhooks, WebhookSigningSecret
 from yarl import URL
 
@@ -35,6 +38,53 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
+TIMEOUT_MS = 10_000  # every Playwright wait in the browser tests
+
+
+@dataclass
+class UI:
+    """One browser context and page, plus what is needed to explain a failure afterwards."""
+
+    browser: Browser
+    context: BrowserContext
+    page: Page
+    shots: Path
+    checkpoints: list[tuple[str, bytes]] = field(default_factory=list)
+    js_errors: list[str] = field(default_factory=list)
+
+    async def open(self, relay: Relay, path: str) -> Page:
+        assert relay.bound is not None
+        await self.page.goto(relay.bound.admin_url + path)
+        return self.page
+
+    async def checkpoint(self, name: str) -> None:
+        """Remember how a page looked at a step; written to disk only if the test fails."""
+        self.checkpoints.append((name, await self.page.screenshot(full_page=True)))
+
+    async def save_failure(self) -> list[Path]:
+        self.shots.mkdir(parents=True, exist_ok=True)
+        written = []
+        for i, (name, png) in enumerate(self.checkpoints, 1):
+            path = self.shots / f"{i:02d}-{name}.png"
+            path.write_bytes(png)
+            written.append(path)
+        for i, page in enumerate(self.context.pages):
+            stem = f"failure-{i}-{_slug(page.url)}"
+            try:
+                await page.screenshot(path=str(self.shots / f"{stem}.png"), full_page=True, timeout=5_000)
+                (self.shots / f"{stem}.html").write_text(await page.content())
+                written.append(self.shots / f"{stem}.png")
+            except Exception as exc:  # a page that cannot be captured must not hide the test's own failure
+                (self.shots / f"{stem}.error.txt").write_text(repr(exc))
+        return written
+
+    def assert_no_js_errors(self) -> None:
+        assert self.js_errors == [], f"uncaught errors in the page: {self.js_errors}"
+
+
+def _slug(url: str) -> str:
+    path = re.sub(r"^https?://[^/]+", "", url) or "blank"
+    return re.sub(r"[^A-Za-z0-9]+", "_", path).strip("_")[:60] or "root"
 
 
 def make_config(

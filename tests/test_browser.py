@@ -4,7 +4,7 @@ Each test starts a relay on real sockets, posts webhooks to its ingest
 listener with aiohttp, and drives the admin pages the way a user does. All
 waiting is Playwright's own (``expect`` polls until its timeout). When a test
 fails, screenshots of the pages it visited, and of the page as it was at the
-failure, are written under the test's ``tmp_path/screenshots``.
+failure, are written under the test's ``tmp_path/screenshots`` (the ``ui`` fixture in conftest.py).
 """
 
 from __future__ import annotations
@@ -12,26 +12,21 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 import pytest
-from playwright.async_api import Browser, BrowserContext, Locator, Page, async_playwright, expect
+from playwright.async_api import Locator, Page, expect
 
 from relay.config import Config, parse_config
 from relay.service import Relay
 from relay.verify import Verdict, decode_secret, verify
 
 from support import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
     INGEST_PATH,
     KEY,
     OTHER_SECRET,
     SECRET,
+    TIMEOUT_MS,
     ingest,
     lifecycle_bodies,
     make_config,
@@ -41,79 +36,9 @@ from support import (
 
 pytestmark = pytest.mark.browser
 
-TIMEOUT_MS = 10_000
 expect.set_options(timeout=TIMEOUT_MS)
 
 OTHER_KEY = decode_secret(OTHER_SECRET)
-
-
-@dataclass
-class UI:
-    """One browser context and page, plus what is needed to explain a failure afterwards."""
-
-    browser: Browser
-    context: BrowserContext
-    page: Page
-    shots: Path
-    checkpoints: list[tuple[str, bytes]] = field(default_factory=list)
-    js_errors: list[str] = field(default_factory=list)
-
-    async def open(self, relay: Relay, path: str) -> Page:
-        assert relay.bound is not None
-        await self.page.goto(relay.bound.admin_url + path)
-        return self.page
-
-    async def checkpoint(self, name: str) -> None:
-        """Remember how a page looked at a step; written to disk only if the test fails."""
-        self.checkpoints.append((name, await self.page.screenshot(full_page=True)))
-
-    async def save_failure(self) -> list[Path]:
-        self.shots.mkdir(parents=True, exist_ok=True)
-        written = []
-        for i, (name, png) in enumerate(self.checkpoints, 1):
-            path = self.shots / f"{i:02d}-{name}.png"
-            path.write_bytes(png)
-            written.append(path)
-        for i, page in enumerate(self.context.pages):
-            stem = f"failure-{i}-{_slug(page.url)}"
-            try:
-                await page.screenshot(path=str(self.shots / f"{stem}.png"), full_page=True, timeout=5_000)
-                (self.shots / f"{stem}.html").write_text(await page.content())
-                written.append(self.shots / f"{stem}.png")
-            except Exception as exc:  # a page that cannot be captured must not hide the test's own failure
-                (self.shots / f"{stem}.error.txt").write_text(repr(exc))
-        return written
-
-    def assert_no_js_errors(self) -> None:
-        assert self.js_errors == [], f"uncaught errors in the page: {self.js_errors}"
-
-
-def _slug(url: str) -> str:
-    path = re.sub(r"^https?://[^/]+", "", url) or "blank"
-    return re.sub(r"[^A-Za-z0-9]+", "_", path).strip("_")[:60] or "root"
-
-
-@pytest.fixture
-async def ui(relay_factory: Any, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[UI]:
-    """A fresh Chromium per test, closed at teardown (before the relays stop: this fixture needs
-    ``relay_factory``, so it is torn down first). On failure it saves screenshots first."""
-    failed_before = request.session.testsfailed
-    async with async_playwright() as p:
-        browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            context = await browser.new_context(viewport={"width": 1280, "height": 900})
-            context.set_default_timeout(TIMEOUT_MS)
-            page = await context.new_page()
-            handle = UI(browser, context, page, tmp_path / "screenshots")
-            page.on("pageerror", lambda exc: handle.js_errors.append(str(exc)))
-            yield handle
-            # The call phase's report is logged before teardown runs, so a failed test has
-            # already been counted here; no conftest hook is needed to know it.
-            if request.session.testsfailed > failed_before:
-                written = await handle.save_failure()
-                print(f"screenshots of the failed browser test: {[str(path) for path in written]}")
-        finally:
-            await browser.close()
 
 
 async def live(page: Page, relay: Relay) -> None:

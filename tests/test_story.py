@@ -8,7 +8,7 @@ verifies it with the ``replicate`` package), compares the old 500 with the new
 the list. Everything is real: relay, sockets, SQLite, upstreams, browser.
 
 Screenshots of each step (and of the page at a failure) are written under the
-test's ``tmp_path/screenshots`` when it fails, as in ``test_browser.py``.
+test's ``tmp_path/screenshots`` when it fails (the ``ui`` fixture in conftest.py).
 """
 
 from __future__ import annotations
@@ -16,19 +16,15 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import pytest
 from aiohttp import web
-from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
+from playwright.async_api import expect
 
 from support import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
     INGEST_PATH,
+    TIMEOUT_MS,
     catch_all,
     ingest,
     lifecycle_bodies,
@@ -40,7 +36,6 @@ from support import (
 
 pytestmark = pytest.mark.browser
 
-TIMEOUT_MS = 10_000
 expect.set_options(timeout=TIMEOUT_MS)
 
 PREDICTION = "pred-story"
@@ -70,59 +65,8 @@ class ProductionHandler:
         return web.json_response({"ok": True})
 
 
-@dataclass
-class Screens:
-    """The browser's page, plus step screenshots kept in memory until a failure needs them."""
-
-    context: BrowserContext
-    page: Page
-    shots: Path
-    checkpoints: list[tuple[str, bytes]] = field(default_factory=list)
-    js_errors: list[str] = field(default_factory=list)
-
-    async def checkpoint(self, name: str) -> None:
-        self.checkpoints.append((name, await self.page.screenshot(full_page=True)))
-
-    async def save_failure(self) -> list[Path]:
-        self.shots.mkdir(parents=True, exist_ok=True)
-        written = []
-        for i, (name, png) in enumerate(self.checkpoints, 1):
-            path = self.shots / f"{i:02d}-{name}.png"
-            path.write_bytes(png)
-            written.append(path)
-        for i, page in enumerate(self.context.pages):
-            stem = f"failure-{i}-" + (re.sub(r"[^A-Za-z0-9]+", "_", re.sub(r"^https?://[^/]+", "", page.url)) or "x")
-            try:
-                await page.screenshot(path=str(self.shots / f"{stem[:70]}.png"), full_page=True, timeout=5_000)
-                (self.shots / f"{stem[:70]}.html").write_text(await page.content())
-                written.append(self.shots / f"{stem[:70]}.png")
-            except Exception as exc:  # a page that cannot be captured must not hide the test's own failure
-                (self.shots / f"{stem[:70]}.error.txt").write_text(repr(exc))
-        return written
-
-
-@pytest.fixture
-async def screens(relay_factory: Any, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Screens]:
-    """A fresh Chromium, closed before the relays stop; screenshots are saved if the test failed."""
-    failed_before = request.session.testsfailed
-    async with async_playwright() as p:
-        browser: Browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            context = await browser.new_context(viewport={"width": 1280, "height": 900})
-            context.set_default_timeout(TIMEOUT_MS)
-            page = await context.new_page()
-            handle = Screens(context, page, tmp_path / "screenshots")
-            page.on("pageerror", lambda exc: handle.js_errors.append(str(exc)))
-            yield handle
-            if request.session.testsfailed > failed_before:
-                written = await handle.save_failure()
-                print(f"screenshots of the failed story: {[str(path) for path in written]}")
-        finally:
-            await browser.close()
-
-
 async def test_debugging_a_failed_webhook_from_dead_list_to_bulk_replay(
-    relay_factory, user_handler_factory, serve, http, screens, tmp_path
+    relay_factory, user_handler_factory, serve, http, ui, tmp_path
 ):
     # 1. Production answers 500 to everything; the relay gives up after two attempts.
     production = ProductionHandler()
@@ -150,14 +94,14 @@ async def test_debugging_a_failed_webhook_from_dead_list_to_bulk_replay(
     assert len(production.hits) == 2 * len(bodies)  # max_attempts each, then dead
 
     # 2. The Dead link in the header lists them; the succeeded event's page shows why.
-    page = screens.page
+    page = ui.page
     await page.goto(admin + "/")
     await page.locator("header nav").get_by_role("link", name="Dead", exact=True).click()
     await expect(page).to_have_url(re.compile(r"/\?state=dead$"))
     rows = page.locator("#rows tr[data-id]")
     await expect(rows).to_have_count(len(ids))
     await expect(rows.locator(".fwd")).to_have_text(["app: dead"] * len(ids))
-    await screens.checkpoint("dead-list")
+    await ui.checkpoint("dead-list")
     target = page.locator(f'#rows tr[data-id="{succeeded}"]')
     await expect(target.locator(".status")).to_have_text("succeeded")
     await target.get_by_role("link", name=f"#{succeeded}", exact=True).click()
@@ -175,7 +119,7 @@ async def test_debugging_a_failed_webhook_from_dead_list_to_bulk_replay(
     await expect(response).to_be_visible()
     await expect(response).to_contain_text("KeyError: 'output'")
     assert json.loads(await response.inner_text()) == ERROR_BODY
-    await screens.checkpoint("delivery-dead")
+    await ui.checkpoint("delivery-dead")
 
     # 3. The fixed handler on the laptop gets the stored delivery, re-signed so it verifies.
     laptop = await user_handler_factory(INGEST_PATH)
@@ -195,7 +139,7 @@ async def test_debugging_a_failed_webhook_from_dead_list_to_bulk_replay(
     await expect(replays).to_contain_text(laptop.url)
     # A replay to a URL settles nothing: production still has it dead.
     await expect(forwarded.locator("h3 .badge")).to_have_text("app: dead")
-    await screens.checkpoint("delivery-replayed")
+    await ui.checkpoint("delivery-replayed")
 
     # 4. "Compare with previous response": the old 500 against the new 200.
     await expect(page.locator("#forwarding li.attempt")).to_have_count(3)  # two forwards, one replay
@@ -209,7 +153,7 @@ async def test_debugging_a_failed_webhook_from_dead_list_to_bulk_replay(
     removed, added = page.locator("#left .line-removed"), page.locator("#right .line-added")
     await expect(removed.filter(has_text="KeyError: 'output'")).to_have_count(1)
     await expect(added.filter(has_text="handler: ok")).to_have_count(1)
-    await screens.checkpoint("diff")
+    await ui.checkpoint("diff")
 
     # 5. The fix is deployed: replay every dead delivery to production from the filtered list.
     production.fixed = True
@@ -221,7 +165,7 @@ async def test_debugging_a_failed_webhook_from_dead_list_to_bulk_replay(
     await page.locator("#bulk-replay").click()
     n = len(ids)
     await expect(page.locator("#bulk-progress")).to_have_text(f"Done: {n}/{n} ({n} ok, 0 failed)", timeout=15_000)
-    await screens.checkpoint("bulk-done")
+    await ui.checkpoint("bulk-done")
 
     # 6. Every event of the prediction is delivered to app, each sent once by the bulk replay.
     assert await app_states() == {i: "delivered" for i in ids}
@@ -231,4 +175,4 @@ async def test_debugging_a_failed_webhook_from_dead_list_to_bulk_replay(
     await page.reload()
     await expect(page.locator("#empty")).to_be_visible()  # nothing is dead any more
     await expect(rows).to_have_count(0)
-    assert screens.js_errors == [], f"uncaught errors in the page: {screens.js_errors}"
+    ui.assert_no_js_errors()
