@@ -10,6 +10,9 @@ local threads = 0
 -- but does not forward again. (A thread's init runs before the next thread's
 -- setup, so the thread count comes from the environment, not from counting.)
 nthreads = tonumber(os.getenv("BENCH_THREADS") or "1")
+-- Several wrk processes at once (one per relay instance) split the file the same way.
+local parts = tonumber(os.getenv("BENCH_PARTS") or "1")
+local part = tonumber(os.getenv("BENCH_PART") or "0")
 
 function setup(thread)
   thread:set("tid", threads)
@@ -21,7 +24,7 @@ local function load(path)
   for line in io.lines(path) do
     n = n + 1
     local id, ts, sig, body = line:match("^([^\t]*)\t([^\t]*)\t([^\t]*)\t(.*)$")
-    if id and (n % nthreads) == tid then
+    if id and (n % (nthreads * parts)) == part * nthreads + tid then
       requests[#requests + 1] = wrk.format("POST", nil, {
         ["Content-Type"] = "application/json",
         ["User-Agent"] = "Replicate-Webhooks/1.0",

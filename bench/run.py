@@ -25,7 +25,8 @@ import sys
 import tempfile
 import time
 import urllib.request
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,13 +118,18 @@ def _ms(text: str) -> float:
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
 
 
-def wrk(url: str, requests_file: Path, seconds: float, connections: int, delay_ms: int = 0) -> WrkResult:
+def wrk(
+    url: str, requests_file: Path, seconds: float, connections: int, delay_ms: int = 0, part: int = 0, parts: int = 1
+) -> WrkResult:
+    """One wrk run; ``part`` of ``parts`` when several run at once, so none repeats another's requests."""
     threads = min(2, connections)
     env = {
         **os.environ,
         "BENCH_REQUESTS": str(requests_file),
         "BENCH_DELAY_MS": str(delay_ms),
         "BENCH_THREADS": str(threads),
+        "BENCH_PART": str(part),
+        "BENCH_PARTS": str(parts),
     }
     out = subprocess.run(
         ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(BENCH / "post.lua"), url],
@@ -189,11 +195,11 @@ class Samples:
         return statistics.median(found) if found else None
 
 
-def relay_config(work: Path, ingest: int, ui: int, sink: int) -> Path:
-    path = work / "relay.toml"
+def relay_config(work: Path, ingest: int, ui: int, sink: int, database: str | None = None, name: str = "relay") -> Path:
+    path = work / f"{name}.toml"
     path.write_text(
         f"""[relay]
-database = "{work / "relay.db"}"
+database = "{database or work / "relay.db"}"
 ingest_listen = "127.0.0.1:{ingest}"
 ui_listen = "127.0.0.1:{ui}"
 
@@ -281,6 +287,73 @@ def run_round(work: Path, requests_file: Path, seconds: float, samples: Samples,
             flows.unlink(missing_ok=True)
 
 
+def wrk_spread(urls: list[str], requests_file: Path, seconds: float, connections: int, delay_ms: int = 0) -> WrkResult:
+    """One wrk per relay instance, at once, sharing the connections: the sum of rates, the worst p99.
+
+    A stand-in for a load balancer, which this machine does not have.
+    """
+    with ThreadPoolExecutor(len(urls)) as pool:
+        results = list(
+            pool.map(
+                lambda i: wrk(urls[i], requests_file, seconds, connections // len(urls), delay_ms, i, len(urls)),
+                range(len(urls)),
+            )
+        )
+    return WrkResult(
+        rps=sum(r.rps for r in results),
+        p50_ms=statistics.mean(r.p50_ms for r in results),
+        p99_ms=max(r.p99_ms for r in results),
+        requests=sum(r.requests for r in results),
+        errors=sum(r.errors for r in results),
+    )
+
+
+def run_pg_round(
+    work: Path, requests_file: Path, seconds: float, samples: Samples, cluster: Any, instances: int
+) -> None:
+    """``instances`` relays on one fresh PostgreSQL database, each loaded by its own wrk."""
+    name = f"pg{instances}"
+    database = cluster.new_database()
+    dbname = database.rsplit("/", 1)[1]
+    sink_port = free_port()
+    with ExitStack() as stack:
+        stack.enter_context(
+            process([sys.executable, str(BENCH / "sink.py"), str(sink_port)], f"http://127.0.0.1:{sink_port}/count")
+        )
+        urls, procs = [], []
+        for n in range(instances):
+            ingest, ui = free_port(), free_port()
+            config = relay_config(work, ingest, ui, sink_port, database, name=f"{name}-{n}")
+            procs.append(
+                stack.enter_context(
+                    process(
+                        [sys.executable, "-m", "relay", "serve", "--config", str(config), "--log-level", "warning"],
+                        f"http://127.0.0.1:{ingest}/healthz",
+                        log=work / f"{name}-{n}.log",
+                    )
+                )
+            )
+            urls.append(f"http://127.0.0.1:{ingest}/webhooks/replicate")
+        started = time.monotonic()
+        saturated = wrk_spread(urls, requests_file, seconds, 64)
+        ingest_seconds = time.monotonic() - started
+        stored = int(cluster.psql("SELECT COUNT(*) FROM deliveries", dbname))
+        to_forward = int(cluster.psql("SELECT COUNT(*) FROM outbox WHERE state != 'skipped'", dbname))
+        sink = f"http://127.0.0.1:{sink_port}"
+        deadline = time.monotonic() + 300
+        while get_json(sink + "/count")["count"] < to_forward and time.monotonic() < deadline:
+            time.sleep(0.05)
+        drained_seconds = time.monotonic() - started
+        samples.add(f"{name}.ingest_rate", stored / ingest_seconds)
+        samples.add(f"{name}.drain_rate", to_forward / drained_seconds)
+        print(f"  {name} stored {stored}, forwarded {to_forward} in {drained_seconds:.1f} s", flush=True)
+        moderate = wrk_spread(urls, requests_file, seconds, 9 if instances == 3 else 10, 20)
+        record(samples, name, saturated, moderate)
+        samples.add(f"{name}.rss_mb", max(peak_rss_mb(p.pid) for p in procs))
+    size = int(cluster.psql(f"SELECT pg_database_size('{dbname}')"))
+    samples.add(f"{name}.db_bytes_per_1000", size / stored * 1000 if stored else float("nan"))
+
+
 def record(samples: Samples, name: str, saturated: WrkResult, moderate: WrkResult) -> None:
     samples.add(f"{name}.rps", saturated.rps)
     samples.add(f"{name}.p50_ms", saturated.p50_ms)
@@ -366,6 +439,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, help="seconds per wrk run (default 10, quick 2)")
     parser.add_argument("--rows", type=int, help="deliveries for the query benchmark (default 100000, quick 5000)")
     parser.add_argument("--no-peer", action="store_true", help="skip mitmdump")
+    parser.add_argument("--no-pg", action="store_true", help="skip the PostgreSQL rows")
     args = parser.parse_args()
     rounds = args.rounds or (1 if args.quick else 3)
     seconds = args.seconds or (2 if args.quick else 10)
@@ -374,7 +448,15 @@ def main() -> None:
         sys.exit("wrk is not installed: apt-get install wrk")
     mitmdump = None if args.no_peer else mitmdump_path()
     samples = Samples()
-    with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
+    cluster = None
+    if not args.no_pg:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from pgcluster import PostgresCluster  # the tests' private server, here with fsync on
+
+        cluster = PostgresCluster(durable=True).start()
+    with ExitStack() as cleanup, tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
+        if cluster is not None:
+            cleanup.callback(cluster.stop)
         work = Path(tmp)
         requests_file = work / "requests.tsv"
         # Unique requests for the whole relay run: a repeated webhook-id and body is a
@@ -383,6 +465,9 @@ def main() -> None:
         for number in range(1, rounds + 1):
             print(f"round {number}/{rounds}", flush=True)
             run_round(work, requests_file, seconds, samples, mitmdump)
+            if cluster is not None:
+                for instances in (1, 3):
+                    run_pg_round(work, requests_file, seconds, samples, cluster, instances)
         print(f"query latency on {rows} deliveries", flush=True)
         asyncio.run(query_latency(work, rows, samples))
     report(samples, rounds, seconds, rows, args.quick)
@@ -394,6 +479,7 @@ def report(samples: Samples, rounds: int, seconds: float, rows: int, quick: bool
     ratio = lambda a, b: (a / b) if a and b else None  # noqa: E731
     figures["relay/ceiling"] = ratio(m("relay.rps"), m("ceiling.rps"))
     figures["relay/peer"] = ratio(m("relay.rps"), m("peer.rps"))
+    figures["pg3/pg1"] = ratio(m("pg3.rps"), m("pg1.rps"))
     result = {
         "machine": {
             "cpus": os.cpu_count(),
@@ -418,7 +504,7 @@ def report(samples: Samples, rounds: int, seconds: float, rows: int, quick: bool
     fmt = lambda v, spec=".0f": "—" if v is None else format(v, spec)  # noqa: E731
     print()
     print(f"{'target':10} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'@500 p50':>9} {'@500 p99':>9} {'errors':>7}")
-    for name in ("ceiling", "relay", "peer"):
+    for name in ("ceiling", "relay", "peer", "pg1", "pg3"):
         print(
             f"{name:10} {fmt(m(name + '.rps')):>8} {fmt(m(name + '.p50_ms'), '.1f'):>7} "
             f"{fmt(m(name + '.p99_ms'), '.1f'):>7} {fmt(m(name + '.moderate_p50_ms'), '.1f'):>9} "
@@ -430,6 +516,13 @@ def report(samples: Samples, rounds: int, seconds: float, rows: int, quick: bool
         f"relay ingest {fmt(m('relay.ingest_rate'))}/s, forwarding drain {fmt(m('relay.drain_rate'))}/s, "
         f"peak RSS {fmt(m('relay.rss_mb'), '.0f')} MB, {fmt(m('relay.db_bytes_per_1000'), ',.0f')} DB bytes/1000"
     )
+    for name, label in (("pg1", "PostgreSQL, 1 relay"), ("pg3", "PostgreSQL, 3 relays")):
+        print(
+            f"{label}: ingest {fmt(m(name + '.ingest_rate'))}/s, drain {fmt(m(name + '.drain_rate'))}/s, "
+            f"peak RSS per relay {fmt(m(name + '.rss_mb'))} MB, "
+            f"{fmt(m(name + '.db_bytes_per_1000'), ',.0f')} DB bytes/1000"
+        )
+    print(f"pg3/pg1 {fmt(figures['pg3/pg1'], '.2f')}")
     print(
         f"{rows} deliveries: list {fmt(m('query.list_ms'), '.1f')} ms, filter {fmt(m('query.filter_ms'), '.1f')} ms, "
         f"full text {fmt(m('query.fts_ms'), '.1f')} ms, list page HTML {fmt(m('query.page_ms'), '.1f')} ms"

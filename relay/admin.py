@@ -11,6 +11,7 @@ from aiohttp import web
 from relay import api, ui
 from relay.auth import is_api_path, security, set_security_headers
 from relay.config import Config
+from relay.deadline import body_deadline
 from relay.events import EventBus
 from relay.filters import FilterError
 from relay.ingest import healthz
@@ -60,7 +61,8 @@ def create_admin_app(
     config: Config, store: Store, metrics: Metrics, events: EventBus, clock: Clock, session: aiohttp.ClientSession
 ) -> web.Application:
     """The admin listener's app; every part is passed in, nothing is global."""
-    app = web.Application(middlewares=[security, errors])
+    # body_deadline last: a slow body is waited for only after the security checks pass.
+    app = web.Application(middlewares=[security, errors, body_deadline])
     app[CONFIG] = config
     app[STORE] = store
     app[METRICS] = metrics

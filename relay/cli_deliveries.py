@@ -33,7 +33,7 @@ from relay.model import display_text, rfc3339
 from relay.render import delivery_json, pretty_body, summary_json
 from relay.replay import BulkProgress, ReplayError, ReplayRequest, bulk_filter, replay, replay_many
 from relay.reverify import reverify
-from relay.store import NotFound, Store, StoreUnavailable
+from relay.store import NotFound, Store, StoreUnavailable, is_postgres_url, open_store
 from relay.verify import SecretError, decode_secret
 
 console = Console(highlight=False)
@@ -43,9 +43,9 @@ STATE_STYLE = {"delivered": "green", "pending": "yellow", "skipped": "dim"}
 
 
 def database_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    func = click.option("--database", type=click.Path(dir_okay=False), help="SQLite file (default: the config's).")(
-        func
-    )
+    func = click.option(
+        "--database", type=click.Path(dir_okay=False), help="SQLite file or postgresql:// URL (default: the config's)."
+    )(func)
     return click.option(
         "--config",
         "config_path",
@@ -57,9 +57,9 @@ def database_options(func: Callable[..., Any]) -> Callable[..., Any]:
 @asynccontextmanager
 async def opened(config: Config, database: str | None) -> AsyncIterator[Store]:
     path = database or config.relay.database
-    if not Path(path).exists():
+    if not is_postgres_url(path) and not Path(path).exists():
         raise click.ClickException(f"no database at {path} (use --database or --config)")
-    store = await Store.open(path)
+    store = await open_store(path)
     try:
         yield store
     finally:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from relay.verify import SecretError, decode_secret
 
@@ -87,6 +87,14 @@ class RelayConfig:
     max_body_bytes: int = 10 * 1024 * 1024
     retention_days: int = 30
     commit_timeout_seconds: float = 10.0
+    outbox_lease_seconds: float | None = None
+    header_timeout_seconds: float = 10.0
+    body_timeout_seconds: float = 30.0
+
+    @property
+    def database_shown(self) -> str:
+        """The database for logs and pages: a PostgreSQL URL without its password."""
+        return redact_database(self.database)
 
 
 @dataclass(frozen=True)
@@ -183,14 +191,43 @@ def _one_of(*choices: str) -> Checker:
     return check
 
 
+def _database(key: str, value: Any) -> str:
+    """A SQLite file path, or a postgresql:// URL naming at least a host or a database."""
+    text = _string(key, value)
+    if text.startswith(("postgresql://", "postgres://")):
+        parts = urlsplit(text)
+        try:
+            _port = parts.port  # read for its check: urlsplit raises on a bad port
+        except ValueError:
+            raise ConfigError(f"{key}: {redact_database(text)} has a bad port") from None
+        if not (parts.hostname or parts.path.strip("/") or parts.query):
+            raise ConfigError(f"{key}: {redact_database(text)} names no host or database")
+    elif "://" in text:
+        raise ConfigError(f"{key}: expected a SQLite file path or a postgresql:// URL, got {redact_database(text)}")
+    return text
+
+
+def redact_database(database: str) -> str:
+    """Hide the password of a database URL (it must never reach logs, pages or the API)."""
+    parts = urlsplit(database)
+    if "://" not in database or parts.password is None:
+        return database
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 RELAY_KEYS: dict[str, Checker] = {
-    "database": _string,
+    "database": _database,
+    "database_env": _string,
+    "outbox_lease_seconds": _positive_number,
     "ingest_listen": _listen,
     "ui_listen": _listen,
     "ui_token_env": _string,
     "max_body_bytes": _positive_int,
     "retention_days": _positive_int,
     "commit_timeout_seconds": _positive_number,
+    "header_timeout_seconds": _positive_number,
+    "body_timeout_seconds": _positive_number,
 }
 SOURCE_KEYS: dict[str, Checker] = {
     "name": _string,
@@ -266,6 +303,13 @@ def parse_config(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
         name = relay_values.pop("ui_token_env")
         if env.get(name, "").strip():
             token = Secret(env[name].strip(), b"", f"${name}")
+    if "database_env" in relay_values:
+        if "database" in relay_values:
+            raise ConfigError("relay.database_env: give either database or database_env, not both")
+        name = relay_values.pop("database_env")
+        if not env.get(name, "").strip():
+            raise ConfigError(f"relay.database_env: environment variable {name} is not set")
+        relay_values["database"] = _database(f"relay.database_env (${name})", env[name].strip())
     relay = RelayConfig(ui_token=token, **relay_values)
     if not relay.ui_listen.is_loopback and token is None:
         raise ConfigError(
@@ -311,6 +355,14 @@ def parse_config(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
             raise ConfigError(f"{key}.retry_max_seconds: must not be less than retry_base_seconds")
         upstreams.append(upstream)
 
+    lease = relay.outbox_lease_seconds
+    slowest = max(upstreams, key=lambda u: u.timeout_seconds, default=None)
+    if lease is not None and slowest is not None and lease <= slowest.timeout_seconds:
+        raise ConfigError(
+            f"relay.outbox_lease_seconds: must be longer than every upstream's timeout_seconds "
+            f"({slowest.name} has {slowest.timeout_seconds:g}), or another relay could send a row "
+            "while this one's attempt still runs"
+        )
     return Config(relay=relay, sources=tuple(sources), upstreams=tuple(upstreams))
 
 

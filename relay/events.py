@@ -1,4 +1,8 @@
-"""In-process publish/subscribe of new deliveries and attempts, for live pages (SSE).
+"""Publish/subscribe of new deliveries and attempts, for live pages (SSE).
+
+Events published here go to this process's subscribers and, when a shared
+database links several relays (PostgreSQL), to the other relays too, whose
+events come back in through :meth:`EventBus.receive`.
 
 Each subscriber gets its own bounded queue: a slow browser tab drops old
 events (and is told so) instead of holding memory or slowing ingest down.
@@ -8,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,8 +31,20 @@ class EventBus:
     def __init__(self) -> None:
         self._subscribers: set[asyncio.Queue[Event | None]] = set()
         self._ids = itertools.count(1)
+        self._share: Callable[[str, dict[str, Any]], None] | None = None
+
+    def share_with(self, share: Callable[[str, dict[str, Any]], None]) -> None:
+        """Also hand every event published here to ``share`` (e.g. the store's NOTIFY)."""
+        self._share = share
 
     def publish(self, kind: str, data: dict[str, Any]) -> None:
+        """An event of this relay: to local subscribers and to the other relays."""
+        self.receive(kind, data)
+        if self._share is not None:
+            self._share(kind, data)
+
+    def receive(self, kind: str, data: dict[str, Any]) -> None:
+        """An event for local subscribers only (one of ours, or one another relay shared)."""
         event = Event(next(self._ids), kind, data)
         for queue in self._subscribers:
             if queue.full():

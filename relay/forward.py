@@ -66,7 +66,7 @@ class Forwarder:
         self._wakeup.set()
 
     def start(self) -> None:
-        self._store.writer.add_commit_listener(self.wake)
+        self._store.add_commit_listener(self.wake)
         self._task = asyncio.create_task(self._loop(), name="relay-forwarder")
 
     async def stop(self) -> None:
@@ -85,12 +85,11 @@ class Forwarder:
                 free = self._concurrency - len(self._inflight)
                 if free > 0:
                     self._finished_since_query.clear()
-                    items = await self._store.due_outbox(now, self._upstreams, free + len(self._inflight))
+                    busy = set(self._inflight)
+                    items = await self._store.due_outbox(now, self._upstreams, free, exclude=busy)
                     for item in items:
                         if item.outbox_id in self._inflight or item.outbox_id in self._finished_since_query:
-                            continue
-                        if len(self._inflight) >= self._concurrency:
-                            break
+                            continue  # finished while the query ran: its answer may predate that commit
                         task = asyncio.create_task(self._attempt(item), name=f"relay-forward-{item.outbox_id}")
                         self._inflight[item.outbox_id] = task
                 next_due = await self._store.next_due_after(now, self._upstreams)
@@ -98,6 +97,9 @@ class Forwarder:
                 log.error("forwarder cannot read the outbox: %s", exc)
                 next_due = now + STORE_RETRY_SECONDS
             timeout = None if next_due is None else max(next_due - self._clock(), 0.0)
+            poll = self._store.idle_poll_seconds
+            if poll is not None:
+                timeout = poll if timeout is None else min(timeout, poll)
             try:
                 await asyncio.wait_for(self._wakeup.wait(), timeout)
             except TimeoutError:

@@ -33,7 +33,7 @@ class Indexer:
         self._activity.set()
 
     def start(self) -> None:
-        self._store.writer.add_commit_listener(self.touch)
+        self._store.add_commit_listener(self.touch)
         self._task = asyncio.create_task(self._loop(), name="relay-indexer")
 
     async def stop(self) -> None:

@@ -2,7 +2,8 @@
 
 Replicate does not follow redirects and retries only the final webhook, so
 every answer here is final and deliberate: 200 after a commit, 400 for a bad
-signature (stored all the same), 413, 503 when the commit failed, never 3xx.
+signature (stored all the same), 408 for a body that does not arrive in time
+(not stored), 413, 503 when the commit failed, never 3xx.
 """
 
 from __future__ import annotations
@@ -32,8 +33,23 @@ OVERSIZE_DRAIN = 16 * 1024 * 1024
 SOURCE_KEY = web.AppKey("source_by_path", dict[str, SourceConfig])
 
 
-async def read_body(request: web.Request, limit: int) -> tuple[bytes | None, int]:
-    """Read at most ``limit`` bytes; return (body or None when over, size seen)."""
+class SlowBody(Exception):
+    """The client did not send the whole body within ``body_timeout_seconds``."""
+
+
+async def read_body(request: web.Request, limit: int, timeout: float) -> tuple[bytes | None, int]:
+    """Read at most ``limit`` bytes within ``timeout`` seconds; return (body or None when over, size seen)."""
+    if request.content.is_eof():
+        # The usual case: the body came with the head, so there is nothing to wait for (and no timer to pay for).
+        return await _read_body(request, limit)
+    try:
+        async with asyncio.timeout(timeout):
+            return await _read_body(request, limit)
+    except TimeoutError:
+        raise SlowBody from None
+
+
+async def _read_body(request: web.Request, limit: int) -> tuple[bytes | None, int]:
     declared = request.content_length
     if declared is not None and declared > limit:
         return None, declared
@@ -62,7 +78,7 @@ def json_error(status: int, message: str, **extra: object) -> web.Response:
 async def capture(request: web.Request, source: SourceConfig, config: Config, now: float) -> Capture:
     """Turn a request into a Capture with its verdict; pure apart from reading the body."""
     headers = tuple((decode_header_bytes(k), decode_header_bytes(v)) for k, v in request.raw_headers)
-    body, size = await read_body(request, config.relay.max_body_bytes)
+    body, size = await read_body(request, config.relay.max_body_bytes, config.relay.body_timeout_seconds)
     key = source.secret.key if source.secret else None
     if body is None:
         # The signature covers the body we refused to keep, so it cannot be checked.
@@ -107,7 +123,14 @@ def make_handler(
         config, store, metrics, events = app[CONFIG], app[STORE], app[METRICS], app[EVENTS]
         clock: Clock = app[CLOCK]
         started = asyncio.get_running_loop().time()
-        cap = await capture(request, source, config, clock())
+        try:
+            cap = await capture(request, source, config, clock())
+        except SlowBody:
+            # Nothing is stored: there is no whole delivery, and the sender will send it again.
+            metrics.ingest_refused.labels(source.name, "slow_body").inc()
+            response = json_error(408, "request body not received in time")
+            response.force_close()
+            return response
         plans = plan_forwards(source, upstreams, cap.verdict, cap.body is not None, cap.prediction.id)
         try:
             # The writer fails this wait after commit_timeout_seconds (TimeoutError); the

@@ -25,7 +25,7 @@ class Metrics:
         )
         self.ingest_refused = Counter(
             "relay_ingest_refused",
-            "Ingest requests answered without storing (503) or over the size limit (413)",
+            "Ingest requests answered without storing (503, 408 for a slow body) or over the size limit (413)",
             ["source", "reason"],
             registry=self.registry,
         )

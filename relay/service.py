@@ -17,6 +17,7 @@ from aiohttp import web
 
 from relay.admin import create_admin_app
 from relay.config import Config, ConfigError
+from relay.deadline import DeadlineSite
 from relay.events import EventBus
 from relay.forward import Forwarder
 from relay.indexer import Indexer
@@ -24,12 +25,24 @@ from relay.ingest import create_ingest_app
 from relay.metrics import Metrics
 from relay.model import Clock
 from relay.retention import Retention
-from relay.store import Store
+from relay.store import Store, open_store
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_SECONDS = 10.0
 KEEPALIVE_SECONDS = 75.0
+LEASE_MARGIN_SECONDS = 30.0
+
+
+def lease_seconds(config: Config) -> float:
+    """How long a relay on a shared database holds an outbox row it is sending.
+
+    Longer than any attempt can take (the slowest upstream's timeout, plus
+    room), so a row is only taken over from a relay that is really gone.
+    """
+    if config.relay.outbox_lease_seconds is not None:
+        return config.relay.outbox_lease_seconds
+    return max((u.timeout_seconds for u in config.upstreams), default=0.0) + LEASE_MARGIN_SECONDS
 
 
 @dataclass(frozen=True)
@@ -60,8 +73,10 @@ class Relay:
         if config.relay.ui_token is None and not config.relay.ui_listen.is_loopback:
             # parse_config refuses this too; a hand-built Config must not slip past it.
             raise ConfigError("relay.ui_listen: a non-loopback address needs a UI token")
-        self.store = await Store.open(config.relay.database, config.relay.commit_timeout_seconds)
+        self.store = await open_store(config.relay.database, config.relay.commit_timeout_seconds, lease_seconds(config))
         try:
+            self.events.share_with(self.store.share_event)
+            self.store.add_event_listener(self.events.receive)
             self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self.concurrency))
             self.forwarder = Forwarder(
                 config, self.store, self.session, self.metrics, self.events, self.clock, self.concurrency
@@ -79,18 +94,21 @@ class Relay:
             await self.stop()
             raise
         self.bound = Bound(ingest_url, admin_url)
-        log.info("ingest listening on %s, UI and API on %s, database %s", ingest_url, admin_url, config.relay.database)
+        log.info(
+            "ingest listening on %s, UI and API on %s, database %s", ingest_url, admin_url, config.relay.database_shown
+        )
         return self.bound
 
     async def _listen(self, app: web.Application, host: str, port: int) -> str:
         # keepalive_timeout: aiohttp's default keeps an idle connection for an hour; a public
-        # listener should not hold sockets for clients that went quiet.
+        # listener should not hold sockets for clients that went quiet. DeadlineSite: aiohttp has
+        # no limit for reading a request head once it has started (Slowloris); see relay/deadline.py.
         runner = web.AppRunner(
             app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_SECONDS, keepalive_timeout=KEEPALIVE_SECONDS
         )
         await runner.setup()
         self._runners.append(runner)
-        site = web.TCPSite(runner, host, port, backlog=1024)
+        site = DeadlineSite(runner, host, port, header_timeout=self.config.relay.header_timeout_seconds, backlog=1024)
         await site.start()
         address = runner.addresses[0]
         host_text = f"[{address[0]}]" if ":" in address[0] else address[0]

@@ -1,8 +1,9 @@
-"""Fixtures: a real relay on real sockets with a SQLite file in tmp_path, and scripted upstreams."""
+"""Fixtures: a real relay on real sockets with a SQLite file in tmp_path (or a fresh PostgreSQL
+database of a private server), and scripted upstreams."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,26 @@ from playwright.async_api import async_playwright
 from relay.config import Config
 from relay.service import Relay
 
+from pgcluster import PostgresCluster
 from support import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS, UI, ScriptedUpstream, UserHandler, make_config
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """One private PostgreSQL server for the whole run, started only if a test asks for it."""
+    cluster = PostgresCluster().start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The ``relay.database`` of a test that must hold on both storage backends: a SQLite file
+    in tmp_path, or an empty database on the private PostgreSQL server."""
+    if request.param == "sqlite":
+        return str(tmp_path / "relay.db")
+    cluster: PostgresCluster = request.getfixturevalue("postgres")
+    return cluster.new_database()
 
 
 @pytest.fixture

@@ -42,6 +42,8 @@ ui_token_env = "RELAY_UI_TOKEN"
 max_body_bytes = 1048576
 retention_days = 7
 commit_timeout_seconds = 2.5
+header_timeout_seconds = 5
+body_timeout_seconds = 12.5
 
 [[sources]]
 name = "replicate"
@@ -119,6 +121,7 @@ def test_full_config_parses_into_frozen_objects(tmp_path):
     assert relay.max_body_bytes == 1048576
     assert relay.retention_days == 7
     assert relay.commit_timeout_seconds == 2.5
+    assert (relay.header_timeout_seconds, relay.body_timeout_seconds) == (5.0, 12.5)
 
     assert isinstance(config.sources, tuple) and len(config.sources) == 2
     rep, other = config.sources
@@ -195,6 +198,7 @@ def test_relay_defaults_when_section_absent(tmp_path):
     assert config.relay.max_body_bytes == 10 * 1024 * 1024
     assert config.relay.retention_days == 30
     assert config.relay.commit_timeout_seconds == 10.0
+    assert (config.relay.header_timeout_seconds, config.relay.body_timeout_seconds) == (10.0, 30.0)
     assert config.upstreams == ()
 
 
@@ -277,6 +281,8 @@ def test_unknown_keys_refused(tmp_path, text, key):
         ("[relay]\nretention_days = 1.5\n", "relay.retention_days"),
         ("[relay]\ncommit_timeout_seconds = -0.5\n", "relay.commit_timeout_seconds"),
         ("[relay]\ncommit_timeout_seconds = true\n", "relay.commit_timeout_seconds"),
+        ("[relay]\nheader_timeout_seconds = 0\n", "relay.header_timeout_seconds"),
+        ('[relay]\nbody_timeout_seconds = "30"\n', "relay.body_timeout_seconds"),
         ("[relay]\ndatabase = 5\n", "relay.database"),
         ('[relay]\ndatabase = ""\n', "relay.database"),
         (MINIMAL_SOURCE + 'tolerance_seconds = "300"\n', "sources[0].tolerance_seconds"),

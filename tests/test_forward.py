@@ -1,4 +1,5 @@
-"""Forwarding end to end: a real relay on real sockets, a SQLite file in tmp_path, real scripted upstreams.
+"""Forwarding end to end: a real relay on real sockets, on both storage backends (a SQLite file in
+tmp_path, a fresh PostgreSQL database), real scripted upstreams.
 
 Nothing of the project is mocked; every wait is a condition with a deadline
 (``wait_until``), and "nothing more arrived" is checked against a later event
@@ -108,11 +109,11 @@ async def post_last_event(
 # --- the upstream's own verification, query string, body bytes -------------------------
 
 
-async def test_replicate_validator_accepts_every_forwarded_delivery(relay_factory, upstream_factory, http, tmp_path):
+async def test_replicate_validator_accepts_every_forwarded_delivery(relay_factory, upstream_factory, http, database):
     results: list[str] = []
     bodies = lifecycle_bodies("predvalidate")
     up = await upstream_factory(script=[validating_step(results) for _ in bodies])
-    relay = await relay_factory(make_config(str(tmp_path / "r.db"), upstreams=[{"url": up.url}]))
+    relay = await relay_factory(make_config(database, upstreams=[{"url": up.url}]))
 
     sent = []
     for body in bodies:
@@ -140,10 +141,10 @@ async def test_replicate_validator_accepts_every_forwarded_delivery(relay_factor
 
 
 async def test_query_string_is_appended_raw_to_an_upstream_url_with_its_own_query(
-    relay_factory, upstream_factory, http, tmp_path
+    relay_factory, upstream_factory, http, database
 ):
     up = await upstream_factory()
-    relay = await relay_factory(make_config(str(tmp_path / "r.db"), upstreams=[{"url": up.url + "?app=1"}]))
+    relay = await relay_factory(make_config(database, upstreams=[{"url": up.url + "?app=1"}]))
     body = lifecycle_bodies("predquery")[0]
     query = "userId=123&jobId=456&note=a%20b%2Fc&empty=&flag"
     did = await ingest(http, relay, body, signed(body), query=query)
@@ -151,11 +152,11 @@ async def test_query_string_is_appended_raw_to_an_upstream_url_with_its_own_quer
     assert [r.path_qs for r in up.received] == [f"/hook?app=1&{query}"]
 
 
-async def test_binary_body_is_forwarded_byte_for_byte(relay_factory, upstream_factory, http, tmp_path):
+async def test_binary_body_is_forwarded_byte_for_byte(relay_factory, upstream_factory, http, database):
     up = await upstream_factory()
     relay = await relay_factory(
         make_config(
-            str(tmp_path / "r.db"),
+            database,
             source={"secret": None, "on_invalid": "accept"},
             upstreams=[{"url": up.url}],
         )
@@ -176,9 +177,9 @@ async def test_binary_body_is_forwarded_byte_for_byte(relay_factory, upstream_fa
 # --- headers ---------------------------------------------------------------------------
 
 
-async def test_forwarded_headers(relay_factory, upstream_factory, http, tmp_path):
+async def test_forwarded_headers(relay_factory, upstream_factory, http, database):
     up = await upstream_factory()
-    relay = await relay_factory(make_config(str(tmp_path / "r.db"), upstreams=[{"url": up.url}]))
+    relay = await relay_factory(make_config(database, upstreams=[{"url": up.url}]))
     body = lifecycle_bodies("predheaders")[0]
     headers = {
         **signed(body),
@@ -223,9 +224,9 @@ async def test_forwarded_headers(relay_factory, upstream_factory, http, tmp_path
     assert got.body == body
 
 
-async def test_chunked_request_is_forwarded_without_transfer_encoding(relay_factory, upstream_factory, http, tmp_path):
+async def test_chunked_request_is_forwarded_without_transfer_encoding(relay_factory, upstream_factory, http, database):
     up = await upstream_factory()
-    relay = await relay_factory(make_config(str(tmp_path / "r.db"), upstreams=[{"url": up.url}]))
+    relay = await relay_factory(make_config(database, upstreams=[{"url": up.url}]))
     body = lifecycle_bodies("predchunked")[-1]
     headers = signed(body)
 
@@ -252,9 +253,9 @@ async def test_chunked_request_is_forwarded_without_transfer_encoding(relay_fact
 # --- retries ---------------------------------------------------------------------------
 
 
-async def test_upstream_503_twice_then_up_is_retried_and_delivered(relay_factory, upstream_factory, http, tmp_path):
+async def test_upstream_503_twice_then_up_is_retried_and_delivered(relay_factory, upstream_factory, http, database):
     up = await upstream_factory(script=[503, 503], then=200)
-    relay = await relay_factory(make_config(str(tmp_path / "r.db"), upstreams=[{"url": up.url}]))
+    relay = await relay_factory(make_config(database, upstreams=[{"url": up.url}]))
     body, fw = await post_last_event(http, relay, "predretry", "delivered")
 
     assert fw.attempts_made == 3
@@ -271,10 +272,10 @@ async def test_upstream_503_twice_then_up_is_retried_and_delivered(relay_factory
     assert up.received[0].at <= up.received[1].at <= up.received[2].at
 
 
-async def test_connection_refused_then_upstream_comes_up(relay_factory, http, tmp_path, serve):
+async def test_connection_refused_then_upstream_comes_up(relay_factory, http, database, serve):
     port = free_port()
     url = f"http://127.0.0.1:{port}/hook"
-    relay = await relay_factory(make_config(str(tmp_path / "r.db"), upstreams=[{"url": url, "max_attempts": 1000}]))
+    relay = await relay_factory(make_config(database, upstreams=[{"url": url, "max_attempts": 1000}]))
     body = lifecycle_bodies("predrefused")[-1]
     did = await ingest(http, relay, body, signed(body), query="userId=123")
 
@@ -307,24 +308,24 @@ async def test_connection_refused_then_upstream_comes_up(relay_factory, http, tm
 
 
 @pytest.mark.parametrize("status", [408, 429, 500, 502, 504])
-async def test_retryable_statuses_are_retried(relay_factory, upstream_factory, http, tmp_path, status):
+async def test_retryable_statuses_are_retried(relay_factory, upstream_factory, http, database, status):
     up = await upstream_factory(script=[status], then=200)
-    relay = await relay_factory(make_config(str(tmp_path / "r.db"), upstreams=[{"url": up.url}]))
+    relay = await relay_factory(make_config(database, upstreams=[{"url": up.url}]))
     _, fw = await post_last_event(http, relay, f"predstatus{status}", "delivered")
     assert [(a.status, a.outcome) for a in fw.attempts] == [(status, "retry"), (200, "delivered")]
     assert len(up.received) == 2
 
 
 @pytest.mark.parametrize("status", [301, 401, 404, 410, 422])
-async def test_other_answers_are_final(relay_factory, upstream_factory, http, tmp_path, status):
+async def test_other_answers_are_final(relay_factory, upstream_factory, http, database, status):
     up = await upstream_factory(script=[(status, {"Location": "http://127.0.0.1:1/elsewhere"})], then=200)
-    relay = await relay_factory(make_config(str(tmp_path / "r.db"), upstreams=[{"url": up.url}]))
+    relay = await relay_factory(make_config(database, upstreams=[{"url": up.url}]))
     _, fw = await post_last_event(http, relay, f"predstatus{status}", "failed")
     assert [(a.status, a.outcome) for a in fw.attempts] == [(status, "failed")]
     assert len(up.received) == 1  # a redirect is not followed either
 
 
-async def test_timeout_is_retried(relay_factory, upstream_factory, http, tmp_path):
+async def test_timeout_is_retried(relay_factory, upstream_factory, http, database):
     stall = asyncio.Event()  # never set: the first request hangs past the timeout
 
     async def hang(request: web.Request) -> web.Response:
@@ -332,9 +333,7 @@ async def test_timeout_is_retried(relay_factory, upstream_factory, http, tmp_pat
         return web.Response(status=200)
 
     up = await upstream_factory(script=[hang], then=200)
-    relay = await relay_factory(
-        make_config(str(tmp_path / "r.db"), upstreams=[{"url": up.url, "timeout_seconds": 0.3}])
-    )
+    relay = await relay_factory(make_config(database, upstreams=[{"url": up.url, "timeout_seconds": 0.3}]))
     _, fw = await post_last_event(http, relay, "predtimeout", "delivered")
     assert [(a.status, a.outcome) for a in fw.attempts] == [(None, "retry"), (200, "delivered")]
     first = fw.attempts[0]
@@ -343,9 +342,9 @@ async def test_timeout_is_retried(relay_factory, upstream_factory, http, tmp_pat
     assert len(up.received) == 2
 
 
-async def test_400_is_final_and_never_retried(relay_factory, upstream_factory, http, tmp_path):
+async def test_400_is_final_and_never_retried(relay_factory, upstream_factory, http, database):
     up = await upstream_factory(script=[400], then=200)
-    relay = await relay_factory(make_config(str(tmp_path / "r.db"), upstreams=[{"url": up.url}]))
+    relay = await relay_factory(make_config(database, upstreams=[{"url": up.url}]))
     first = lifecycle_bodies("predfinal")[0]
     first_id = await ingest(http, relay, first, signed(first))
     await wait_state(relay, first_id, "failed")
@@ -365,9 +364,9 @@ async def test_400_is_final_and_never_retried(relay_factory, upstream_factory, h
     assert [relay_id(r) for r in up.received] == [first_id, later_id]
 
 
-async def test_429_retry_after_is_honoured(relay_factory, upstream_factory, http, tmp_path):
+async def test_429_retry_after_is_honoured(relay_factory, upstream_factory, http, database):
     up = await upstream_factory(script=[(429, {"Retry-After": "1"})], then=200)
-    relay = await relay_factory(make_config(str(tmp_path / "r.db"), upstreams=[{"url": up.url}]))
+    relay = await relay_factory(make_config(database, upstreams=[{"url": up.url}]))
     _, fw = await post_last_event(http, relay, "pred429", "delivered")
     assert len(up.received) == 2
     gap = up.received[1].at - up.received[0].at
@@ -376,9 +375,9 @@ async def test_429_retry_after_is_honoured(relay_factory, upstream_factory, http
     assert ("Retry-After", "1") in fw.attempts[0].response_headers
 
 
-async def test_max_attempts_then_dead(relay_factory, upstream_factory, http, tmp_path):
+async def test_max_attempts_then_dead(relay_factory, upstream_factory, http, database):
     up = await upstream_factory(then=500)
-    relay = await relay_factory(make_config(str(tmp_path / "r.db"), upstreams=[{"url": up.url, "max_attempts": 3}]))
+    relay = await relay_factory(make_config(database, upstreams=[{"url": up.url, "max_attempts": 3}]))
     _, fw = await post_last_event(http, relay, "preddead", "dead")
     assert fw.attempts_made == 3
     assert [a.status for a in fw.attempts] == [500, 500, 500]
@@ -419,12 +418,12 @@ class PredictionAwareUpstream:
 
 
 async def test_ordered_upstream_gets_each_predictions_events_in_ingest_order(
-    relay_factory, upstream_factory, http, tmp_path
+    relay_factory, upstream_factory, http, database
 ):
     # The first event of every prediction is refused twice; the three after it must wait for it.
     upstream = PredictionAwareUpstream(lambda pred, status, tries: status == "starting" and tries <= 2)
     up = await upstream_factory(then=upstream)
-    relay = await relay_factory(make_config(str(tmp_path / "r.db"), upstreams=[{"url": up.url}]))
+    relay = await relay_factory(make_config(database, upstreams=[{"url": up.url}]))
     predictions = [f"predorder{i}" for i in range(4)]
     ids: dict[str, list[int]] = {}
 
@@ -450,12 +449,12 @@ async def test_ordered_upstream_gets_each_predictions_events_in_ingest_order(
         assert [a.status for a in fw.attempts] == [500, 500, 200]
 
 
-async def test_unordered_upstream_does_not_hold_later_events_back(relay_factory, upstream_factory, http, tmp_path):
+async def test_unordered_upstream_does_not_hold_later_events_back(relay_factory, upstream_factory, http, database):
     release = asyncio.Event()
     upstream = PredictionAwareUpstream(lambda pred, status, tries: status == "starting" and not release.is_set())
     up = await upstream_factory(then=upstream)
     relay = await relay_factory(
-        make_config(str(tmp_path / "r.db"), upstreams=[{"url": up.url, "ordered": False, "max_attempts": 1000}])
+        make_config(database, upstreams=[{"url": up.url, "ordered": False, "max_attempts": 1000}])
     )
     ids = []
     for body in lifecycle_bodies("predunordered"):
@@ -476,7 +475,7 @@ async def test_unordered_upstream_does_not_hold_later_events_back(relay_factory,
 # --- duplicates ------------------------------------------------------------------------
 
 
-async def test_duplicate_is_skipped_once_the_original_is_delivered(relay_factory, upstream_factory, http, tmp_path):
+async def test_duplicate_is_skipped_once_the_original_is_delivered(relay_factory, upstream_factory, http, database):
     gate = asyncio.Event()
 
     async def held_503(request: web.Request) -> web.Response:
@@ -484,7 +483,7 @@ async def test_duplicate_is_skipped_once_the_original_is_delivered(relay_factory
         return web.Response(status=503, text="busy")
 
     up = await upstream_factory(script=[held_503, 503], then=200)
-    relay = await relay_factory(make_config(str(tmp_path / "r.db"), upstreams=[{"url": up.url}]))
+    relay = await relay_factory(make_config(database, upstreams=[{"url": up.url}]))
     body = lifecycle_bodies("preddup")[-1]
     now = int(time.time())
     first_id = await ingest(http, relay, body, signed(body, msg_id="msg_dup_1", timestamp=now - 20))
@@ -512,9 +511,9 @@ async def test_duplicate_is_skipped_once_the_original_is_delivered(relay_factory
     assert sum(1 for r in up.received if values(r, "webhook-id") == ["msg_dup_1"]) == 3
 
 
-async def test_duplicate_of_a_failed_original_is_sent(relay_factory, upstream_factory, http, tmp_path):
+async def test_duplicate_of_a_failed_original_is_sent(relay_factory, upstream_factory, http, database):
     up = await upstream_factory(script=[400], then=200)
-    relay = await relay_factory(make_config(str(tmp_path / "r.db"), upstreams=[{"url": up.url}]))
+    relay = await relay_factory(make_config(database, upstreams=[{"url": up.url}]))
     body = lifecycle_bodies("preddupfailed")[-1]
     first_id = await ingest(http, relay, body, signed(body, msg_id="msg_dup_2"))
     await wait_state(relay, first_id, "failed")
@@ -533,10 +532,10 @@ async def test_duplicate_of_a_failed_original_is_sent(relay_factory, upstream_fa
 
 
 async def test_same_webhook_id_with_a_different_body_is_not_a_duplicate(
-    relay_factory, upstream_factory, http, tmp_path
+    relay_factory, upstream_factory, http, database
 ):
     up = await upstream_factory()
-    relay = await relay_factory(make_config(str(tmp_path / "r.db"), upstreams=[{"url": up.url}]))
+    relay = await relay_factory(make_config(database, upstreams=[{"url": up.url}]))
     a, b = lifecycle_bodies("preddupbody")[:2]
     first_id = await ingest(http, relay, a, signed(a, msg_id="msg_dup_3"))
     second_id = await ingest(http, relay, b, signed(b, msg_id="msg_dup_3"))
@@ -550,11 +549,11 @@ async def test_same_webhook_id_with_a_different_body_is_not_a_duplicate(
 # --- re-signing ------------------------------------------------------------------------
 
 
-async def test_resign_with_the_upstreams_own_secret(relay_factory, upstream_factory, http, tmp_path):
+async def test_resign_with_the_upstreams_own_secret(relay_factory, upstream_factory, http, database):
     results: list[str] = []
     up = await upstream_factory(script=[validating_step(results, OTHER_SECRET)])
     relay = await relay_factory(
-        make_config(str(tmp_path / "r.db"), upstreams=[{"url": up.url, "resign": True, "secret": OTHER_SECRET}])
+        make_config(database, upstreams=[{"url": up.url, "resign": True, "secret": OTHER_SECRET}])
     )
     body = lifecycle_bodies("predresign")[-1]
     original_ts = int(time.time()) - 120
@@ -583,10 +582,10 @@ async def test_resign_with_the_upstreams_own_secret(relay_factory, upstream_fact
     assert relay_id(got) == did
 
 
-async def test_resign_without_own_secret_uses_the_sources(relay_factory, upstream_factory, http, tmp_path):
+async def test_resign_without_own_secret_uses_the_sources(relay_factory, upstream_factory, http, database):
     results: list[str] = []
     up = await upstream_factory(script=[validating_step(results, SECRET)])
-    relay = await relay_factory(make_config(str(tmp_path / "r.db"), upstreams=[{"url": up.url, "resign": True}]))
+    relay = await relay_factory(make_config(database, upstreams=[{"url": up.url, "resign": True}]))
     body = lifecycle_bodies("predresign2")[-1]
     original_ts = int(time.time()) - 250
     did = await ingest(http, relay, body, signed(body, timestamp=original_ts))
@@ -598,9 +597,9 @@ async def test_resign_without_own_secret_uses_the_sources(relay_factory, upstrea
 # --- invalid signatures ----------------------------------------------------------------
 
 
-async def test_invalid_signature_is_not_forwarded_by_default(relay_factory, upstream_factory, http, tmp_path):
+async def test_invalid_signature_is_not_forwarded_by_default(relay_factory, upstream_factory, http, database):
     up = await upstream_factory()
-    relay = await relay_factory(make_config(str(tmp_path / "r.db"), upstreams=[{"url": up.url}]))
+    relay = await relay_factory(make_config(database, upstreams=[{"url": up.url}]))
     bad = lifecycle_bodies("predinvalid")[0]
     bad_headers = signed(bad, key=b"not the right key")
     bad_id = await ingest(http, relay, bad, bad_headers, expect=400)
@@ -617,11 +616,11 @@ async def test_invalid_signature_is_not_forwarded_by_default(relay_factory, upst
     assert (await forwarding(relay, bad_id)).state == "skipped"
 
 
-async def test_invalid_signature_is_forwarded_with_forward_invalid(relay_factory, upstream_factory, http, tmp_path):
+async def test_invalid_signature_is_forwarded_with_forward_invalid(relay_factory, upstream_factory, http, database):
     up = await upstream_factory()
     relay = await relay_factory(
         make_config(
-            str(tmp_path / "r.db"),
+            database,
             source={"on_invalid": "accept", "forward_invalid": True},
             upstreams=[{"url": up.url}],
         )
@@ -642,8 +641,7 @@ async def test_invalid_signature_is_forwarded_with_forward_invalid(relay_factory
 # --- restart ---------------------------------------------------------------------------
 
 
-async def test_restart_mid_backlog_loses_nothing(relay_factory, upstream_factory, http, tmp_path):
-    database = str(tmp_path / "r.db")
+async def test_restart_mid_backlog_loses_nothing(relay_factory, upstream_factory, http, database):
     down = await upstream_factory(then=503)
     relay = await relay_factory(
         make_config(database, upstreams=[{"name": "app", "url": down.url, "max_attempts": 1000}])
@@ -685,14 +683,14 @@ async def test_restart_mid_backlog_loses_nothing(relay_factory, upstream_factory
 # --- response capture ------------------------------------------------------------------
 
 
-async def test_response_body_is_capped(relay_factory, upstream_factory, http, tmp_path):
+async def test_response_body_is_capped(relay_factory, upstream_factory, http, database):
     big = b"0123456789abcdef" * (1024 * 1024 // 16)
 
     async def huge(request: web.Request) -> web.Response:
         return web.Response(status=200, body=big, headers={"X-Big": "yes"})
 
     up = await upstream_factory(script=[huge])
-    relay = await relay_factory(make_config(str(tmp_path / "r.db"), upstreams=[{"url": up.url}]))
+    relay = await relay_factory(make_config(database, upstreams=[{"url": up.url}]))
     _, fw = await post_last_event(http, relay, "predbig", "delivered")
     assert len(fw.attempts) == 1
     attempt = fw.attempts[0]
@@ -704,9 +702,9 @@ async def test_response_body_is_capped(relay_factory, upstream_factory, http, tm
     assert ("X-Big", "yes") in attempt.response_headers
 
 
-async def test_small_response_body_is_kept_whole(relay_factory, upstream_factory, http, tmp_path):
+async def test_small_response_body_is_kept_whole(relay_factory, upstream_factory, http, database):
     up = await upstream_factory(script=[(202, {"X-Answer": "yes"})])
-    relay = await relay_factory(make_config(str(tmp_path / "r.db"), upstreams=[{"url": up.url}]))
+    relay = await relay_factory(make_config(database, upstreams=[{"url": up.url}]))
     _, fw = await post_last_event(http, relay, "predsmall", "delivered")
     attempt = fw.attempts[0]
     assert attempt.status == 202
@@ -718,7 +716,7 @@ async def test_small_response_body_is_kept_whole(relay_factory, upstream_factory
 # --- under load ------------------------------------------------------------------------
 
 
-async def test_final_answers_are_not_sent_again_under_load(relay_factory, upstream_factory, http, tmp_path, caplog):
+async def test_final_answers_are_not_sent_again_under_load(relay_factory, upstream_factory, http, database, caplog):
     """A backlog drained by a few workers: every delivery is sent once and its 400 is final.
 
     1200 deliveries pile up while the upstream holds the first requests, then it
@@ -734,9 +732,7 @@ async def test_final_answers_are_not_sent_again_under_load(relay_factory, upstre
         return web.Response(status=400, text="bad request")
 
     up = await upstream_factory(then=refuse)
-    relay = await relay_factory(
-        make_config(str(tmp_path / "r.db"), upstreams=[{"url": up.url, "ordered": False}]), concurrency=8
-    )
+    relay = await relay_factory(make_config(database, upstreams=[{"url": up.url, "ordered": False}]), concurrency=8)
 
     async def post_lifecycle(pred: str) -> list[int]:
         return [await ingest(http, relay, body, signed(body)) for body in lifecycle_bodies(pred)]

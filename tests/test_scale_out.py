@@ -1,0 +1,182 @@
+"""Three real ``relay serve`` processes on one PostgreSQL database, one killed with SIGKILL mid-run.
+
+The promise of the shared outbox: every acknowledged delivery is forwarded;
+no delivery is sent by two relays at once (a second send only happens after
+the first relay died and its lease ran out); a prediction's events reach the
+upstream in order even when its events landed on different relays; and a UI
+on any relay sees deliveries that arrived at another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import json
+import time
+
+import aiohttp
+import asyncpg
+
+from processes import RecordingUpstream, RelayProcess, make_bodies, write_config
+from support import catch_all, free_port, signed, wait_until
+
+LEASE = 3.0  # outbox_lease_seconds
+UPSTREAM_TIMEOUT = 1.0  # the lease must outlast an attempt
+
+
+async def test_three_relays_share_the_outbox_and_survive_a_sigkill(tmp_path, serve, http, postgres):
+    database = postgres.new_database()
+    upstream = RecordingUpstream(delay=0.05)  # attempts are in flight when the kill comes
+    upstream.url = await serve(catch_all(upstream.handle), "/hook")
+    relays = []
+    for n in range(3):
+        ingest = free_port()
+        config = write_config(
+            tmp_path,
+            upstream.url,
+            ingest,
+            free_port(),
+            database=database,
+            upstream_timeout=UPSTREAM_TIMEOUT,
+            relay_extra=f"outbox_lease_seconds = {LEASE}",
+            name=f"relay{n}.toml",
+        )
+        relays.append(RelayProcess(config, ingest, tmp_path / f"relay{n}.log"))
+    bodies = make_bodies("s", 1200)  # 300 predictions, four events each
+    sha = {wid: hashlib.sha256(body).hexdigest() for wid, body in bodies}
+    acked: dict[str, int] = {}  # webhook-id -> delivery id
+    acked_by = collections.Counter[int]()
+    killed_at: float | None = None
+    deadline = time.monotonic() + 60
+
+    async def poster(share: list[tuple[str, bytes]], first: int, session: aiohttp.ClientSession) -> None:
+        """Like a load balancer in front of the relays: round robin, the next relay on failure.
+
+        Consecutive events of one prediction go to different relays, so ordering
+        must hold across them.
+        """
+        turn = first
+        for wid, body in share:
+            while True:
+                assert time.monotonic() < deadline, "posting did not finish in time"
+                relay = relays[turn % 3]
+                turn += 1
+                try:
+                    async with session.post(relay.url, data=body, headers=signed(body, msg_id=wid)) as resp:
+                        if resp.status == 200:
+                            acked[wid] = int(json.loads(await resp.text())["delivery"])
+                            acked_by[relays.index(relay)] += 1
+                            break
+                        assert resp.status == 503, (resp.status, await resp.text())
+                except (aiohttp.ClientConnectionError, TimeoutError):
+                    pass  # that relay is down: the next one takes it
+
+    async def killer() -> None:
+        nonlocal killed_at
+        await wait_until(lambda: len(acked) >= 400, timeout=30, interval=0.005)
+        await wait_until(lambda: upstream.in_flight > 0, timeout=10, interval=0.001)
+        await relays[0].kill()
+        killed_at = time.monotonic()
+
+    shares: list[list[tuple[str, bytes]]] = [[] for _ in range(6)]
+    for i in range(0, len(bodies), 4):  # one prediction's events to one poster, in order
+        shares[(i // 4) % 6].extend(bodies[i : i + 4])
+    for relay in relays:
+        relay.start()
+    try:
+        for relay in relays:
+            await relay.healthy(http)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            await asyncio.gather(*(poster(share, n, session) for n, share in enumerate(shares)), killer())
+        assert killed_at is not None
+        assert len(acked) == len(bodies)
+        assert all(acked_by[n] > 0 for n in range(3)), f"load not spread: {acked_by}"
+
+        # Every acknowledged delivery is forwarded, and the shared outbox drains completely.
+        await wait_until(lambda: set(acked) <= upstream.webhook_ids(), timeout=30, interval=0.05)
+        conn = await asyncpg.connect(database)
+        try:
+
+            async def drained() -> bool:
+                return await conn.fetchval("SELECT COUNT(*) FROM outbox WHERE state = 'pending'") == 0
+
+            await wait_until(drained, timeout=20)
+            stored = {r["id"]: r for r in await conn.fetch("SELECT id, webhook_id, body FROM deliveries")}
+            states = dict(await conn.fetch("SELECT state, COUNT(*) FROM outbox GROUP BY state"))
+        finally:
+            await conn.close()
+        for wid, delivery_id in acked.items():
+            row = stored[delivery_id]
+            assert row["webhook_id"] == wid and hashlib.sha256(row["body"]).hexdigest() == sha[wid]
+        assert states == {"delivered": len(stored)}, states
+
+        # Never sent by two relays at once: a repeat only follows a send made before the kill,
+        # and only once that send's lease could have run out.
+        arrivals: dict[str, list[float]] = collections.defaultdict(list)
+        for (_, wid), at in zip(upstream.seen, upstream.arrived_at, strict=True):
+            arrivals[wid].append(at)
+        repeats = {wid: times for wid, times in arrivals.items() if len(times) > 1}
+        for wid, times in repeats.items():
+            first, second = times[0], times[1]
+            assert first <= killed_at, f"{wid} sent twice, though nobody died before its first send"
+            assert second - first >= LEASE - UPSTREAM_TIMEOUT - 0.1, f"{wid} sent again {second - first:.2f} s later"
+
+        # Per prediction, the first arrivals follow the order the events were acknowledged in.
+        first_seen = sorted((times[0], wid) for wid, times in arrivals.items())
+        by_prediction: dict[int, list[int]] = collections.defaultdict(list)
+        for _, wid in first_seen:
+            by_prediction[int(wid.rsplit("_", 1)[1]) // 4].append(acked[wid])  # make_bodies: 4 events each
+        out_of_order = {p: ids for p, ids in by_prediction.items() if ids != sorted(ids)}
+        assert not out_of_order, list(out_of_order.items())[:3]
+        print(
+            f"\nscale-out report: acknowledged={len(acked)} per relay={dict(acked_by)} stored={len(stored)} "
+            f"upstream requests={len(upstream.seen)} repeats after the kill={len(repeats)}"
+        )
+    finally:
+        for relay in relays:
+            relay.cleanup()
+
+
+async def test_a_ui_on_one_relay_sees_deliveries_that_arrive_at_another(tmp_path, serve, http, postgres):
+    """LISTEN/NOTIFY: the live event stream of relay B carries a delivery ingested by relay A."""
+    database = postgres.new_database()
+    upstream = RecordingUpstream()
+    upstream.url = await serve(catch_all(upstream.handle), "/hook")
+    relays, ui_ports = [], []
+    for n in range(2):
+        ingest, ui = free_port(), free_port()
+        config = write_config(tmp_path, upstream.url, ingest, ui, database=database, name=f"relay{n}.toml")
+        relays.append(RelayProcess(config, ingest, tmp_path / f"relay{n}.log"))
+        ui_ports.append(ui)
+    for relay in relays:
+        relay.start()
+    try:
+        for relay in relays:
+            await relay.healthy(http)
+        events: list[dict[str, object]] = []
+
+        async def listen() -> None:
+            async with http.get(f"http://127.0.0.1:{ui_ports[1]}/api/events") as resp:
+                async for line in resp.content:
+                    if line.startswith(b"data:"):
+                        events.append(json.loads(line[5:]))
+
+        listening = asyncio.create_task(listen())
+        try:
+            body = make_bodies("ui", 1)[0][1]
+            # The stream may take a moment to subscribe: post until an event arrives.
+            acked: list[int] = []
+
+            async def seen() -> bool:
+                async with http.post(relays[0].url, data=body, headers=signed(body)) as resp:
+                    assert resp.status == 200
+                    acked.append(int((await resp.json())["delivery"]))
+                return any(e.get("id") in acked for e in events)
+
+            await wait_until(seen, timeout=15, interval=0.2)
+        finally:
+            listening.cancel()
+    finally:
+        for relay in relays:
+            relay.cleanup()
