@@ -104,5 +104,19 @@ def parse_filter(params: Mapping[str, str], now: float) -> DeliveryFilter:
 
 
 def fts_phrase(q: str) -> str:
-    """Quote user text as one FTS5 phrase so its punctuation is never query syntax."""
-    return '"' + q.replace('"', '""') + '"'
+    """Quote user text as one FTS5 phrase so its punctuation is never query syntax.
+
+    A NUL would end FTS5's query string early ("unterminated string"); it separates words
+    like any other punctuation, so it becomes a space.
+    """
+    return '"' + q.replace("\x00", " ").replace('"', '""') + '"'
+
+
+def search_words(text: str) -> str:
+    """Text reduced to its words, split where SQLite's unicode61 tokenizer splits (at
+    everything but letters and digits), for PostgreSQL's parser: left alone it keeps
+    URLs, paths and hosts whole, so "sdxl" would not find "stability-ai/sdxl"."""
+    return " ".join(_NOT_WORD.split(text)).strip()
+
+
+_NOT_WORD = re.compile(r"[\W_]+")

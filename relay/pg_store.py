@@ -33,6 +33,7 @@ from typing import Any
 
 import asyncpg
 
+from relay.filters import search_words
 from relay.model import Attempt, Capture, OutboxItem, PlannedForward, headers_from_json, headers_to_json
 from relay.pg_schema import MIGRATIONS
 from relay.sqlbase import (
@@ -57,6 +58,7 @@ NOTIFY_LIMIT = 7900  # PostgreSQL refuses NOTIFY payloads of 8000 bytes and more
 FTS_MAX_CHARS = 200_000  # a tsvector is capped at 1 MB; index the start of huge bodies
 IDLE_POLL_SECONDS = 1.0
 LISTEN_RETRY_SECONDS = 2.0
+LISTEN_READY_SECONDS = 5.0
 # Errors meaning "the database cannot do this now" (down, full, read-only, refused), as
 # opposed to a bug in a query: the relay answers 503 and retries, as with SQLite.
 UNAVAILABLE = (
@@ -126,19 +128,15 @@ def numbered(sql: str) -> str:
     return "".join(out)
 
 
-def _clean_text(text: str) -> str:
-    """PostgreSQL text cannot hold NUL; a webhook may carry one (e.g. "\\u0000" in a JSON id)."""
-    return text.replace("\x00", "\ufffd")
-
-
 def _clean(value: Any) -> Any:
-    return _clean_text(value) if isinstance(value, str) else value
+    """PostgreSQL text cannot hold NUL; a webhook may carry one (e.g. "\\u0000" in a JSON id)."""
+    return value.replace("\x00", "\ufffd") if isinstance(value, str) else value
 
 
 def _search_text(body: bytes | None) -> str:
     if body is None:
         return ""
-    return _clean_text(body[: FTS_MAX_CHARS * 4].decode("utf-8", "replace")[:FTS_MAX_CHARS])
+    return search_words(body[: FTS_MAX_CHARS * 4].decode("utf-8", "replace")[:FTS_MAX_CHARS])
 
 
 def _unavailable(exc: BaseException) -> StoreUnavailable:
@@ -210,6 +208,7 @@ class PgStore(SqlReads):
         self._outgoing: asyncio.Queue[str] = asyncio.Queue(maxsize=10_000)
         self._closing = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._listening = asyncio.Event()
 
     @classmethod
     async def open(cls, dsn: str, commit_timeout: float = 10.0, lease_seconds: float = 60.0) -> PgStore:
@@ -230,6 +229,11 @@ class PgStore(SqlReads):
             asyncio.create_task(store._listen_loop(), name="relay-pg-listen"),
             asyncio.create_task(store._notify_loop(), name="relay-pg-notify"),
         ]
+        try:  # so a page opened right after start-up sees other relays' events
+            async with asyncio.timeout(LISTEN_READY_SECONDS):
+                await store._listening.wait()
+        except TimeoutError:
+            log.warning("not yet listening for other relays' events; retrying in the background")
         return store
 
     async def close(self) -> None:
@@ -292,7 +296,9 @@ class PgStore(SqlReads):
                 conn = await asyncpg.connect(self._dsn)
                 conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
                 await conn.add_listener(CHANNEL, self._on_notify)
+                self._listening.set()
                 await lost.wait()
+                self._listening.clear()
                 log.warning("lost the LISTEN connection to PostgreSQL; reconnecting")
             except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
                 log.warning("cannot LISTEN for other relays' events: %s", exc)
@@ -533,14 +539,14 @@ class PgStore(SqlReads):
         return "d.body_tsv @@ phraseto_tsquery('simple', ?)"
 
     def _fts_param(self, q: str) -> str:
-        return _clean_text(q)
+        return search_words(q)
 
     async def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> Sequence[Any]:
         return await self._fetch(numbered(sql), params)
 
     async def _fetch(self, sql: str, params: Sequence[Any]) -> Sequence[Any]:
         try:
-            return await self._pool.fetch(sql, *params)
+            return await self._pool.fetch(sql, *(_clean(v) for v in params))
         except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
             raise _unavailable(exc) from exc
 

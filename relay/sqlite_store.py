@@ -107,8 +107,11 @@ class SqliteStore(SqlReads):
     """
 
     idle_poll_seconds: float | None = None
+    # The inner ORDER BY: group_concat takes rows in the order the subquery yields them
+    # (SQLite before 3.44 has no ORDER BY inside an aggregate).
     forwarding_aggregate = (
-        "SELECT group_concat(o.upstream || '=' || o.state, char(31)) FROM outbox o WHERE o.delivery_id = d.id"
+        "SELECT group_concat(x, char(31)) FROM (SELECT o.upstream || '=' || o.state AS x FROM outbox o "
+        "WHERE o.delivery_id = d.id ORDER BY o.id)"
     )
 
     def __init__(
