@@ -209,6 +209,7 @@ class PgStore(SqlReads):
         self._closing = False
         self._tasks: list[asyncio.Task[None]] = []
         self._listening = asyncio.Event()
+        self._force_synchronous_commit = False
 
     @classmethod
     async def open(cls, dsn: str, commit_timeout: float = 10.0, lease_seconds: float = 60.0) -> PgStore:
@@ -220,10 +221,21 @@ class PgStore(SqlReads):
         try:
             async with pool.acquire() as conn, conn.transaction():
                 await _migrate(conn)
+                settings = await conn.fetchrow("SELECT current_setting('synchronous_commit'), current_setting('fsync')")
+                assert settings is not None
+                synchronous_commit, fsync = settings
         except BaseException:
             await pool.close()
             raise
+        if fsync == "off":
+            log.warning(
+                "PostgreSQL runs with fsync = off: if its machine crashes, deliveries already "
+                "answered 200 can be lost; turn fsync on for production"
+            )
         store = cls(dsn, pool, commit_timeout, lease_seconds)
+        # A 200 promises the delivery is on disk: with the server's default of
+        # synchronous_commit = off it would not be, so the relay's own commits ask for it.
+        store._force_synchronous_commit = synchronous_commit == "off"
         store._tasks = [
             asyncio.create_task(store._write_loop(), name="relay-pg-writer"),
             asyncio.create_task(store._listen_loop(), name="relay-pg-listen"),
@@ -386,6 +398,8 @@ class PgStore(SqlReads):
         """One transaction for the whole batch: new deliveries, then the other writes grouped by statement."""
         results: list[Any] = [None] * len(batch)
         async with self._pool.acquire() as conn, conn.transaction():
+            if self._force_synchronous_commit:
+                await conn.execute("SET LOCAL synchronous_commit = on")
             arriving = [(i, op) for i, op in enumerate(batch) if op.capture is not None]
             if arriving:
                 ids = [int(r[0]) for r in await conn.fetch(_NEW_IDS, len(arriving))]

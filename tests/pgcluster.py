@@ -52,10 +52,12 @@ class PostgresCluster:
             raise RuntimeError(f"{' '.join(args)} failed: {result.stdout}{result.stderr}")
 
     def start(self) -> PostgresCluster:
-        if self._as_root:
-            shutil.chown(self.dir, "postgres", "postgres")
+        """Create the cluster on first use, then start the server (again, after ``halt``)."""
         data = self.dir / "data"
-        self._run(_bin("initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
+        if not data.exists():
+            if self._as_root:
+                shutil.chown(self.dir, "postgres", "postgres")
+            self._run(_bin("initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
         options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c max_connections=300"
         if not self.durable:
             options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
@@ -82,8 +84,12 @@ class PostgresCluster:
             raise RuntimeError(f"psql {sql!r}: {result.stderr}")
         return result.stdout.strip()
 
+    def halt(self) -> None:
+        """Stop the server as a crash would (immediate mode), keeping its data for ``start``."""
+        self._run(_bin("pg_ctl"), "-D", str(self.dir / "data"), "-m", "immediate", "-w", "stop")
+
     def stop(self) -> None:
         try:
-            self._run(_bin("pg_ctl"), "-D", str(self.dir / "data"), "-m", "immediate", "-w", "stop")
+            self.halt()
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)

@@ -18,6 +18,7 @@ import time
 import aiohttp
 import asyncpg
 
+from pgcluster import PostgresCluster
 from processes import RecordingUpstream, RelayProcess, make_bodies, write_config
 from support import catch_all, free_port, signed, wait_until
 
@@ -180,3 +181,55 @@ async def test_a_ui_on_one_relay_sees_deliveries_that_arrive_at_another(tmp_path
     finally:
         for relay in relays:
             relay.cleanup()
+
+
+async def test_postgresql_going_away_answers_503_then_recovers_without_a_restart(tmp_path, serve, http):
+    """The database server dies (immediate stop) and comes back: while it is gone ingest answers 503,
+    never 200, and /healthz says so; afterwards the same relay stores and forwards again, and
+    everything acknowledged before is intact. The test server runs with synchronous_commit = off
+    (tests/pgcluster.py), so this also proves the relay's commits ask for a synchronous commit."""
+    cluster = PostgresCluster().start()  # its own server: this test stops it
+    try:
+        database = cluster.new_database()
+        upstream = RecordingUpstream()
+        upstream.url = await serve(catch_all(upstream.handle), "/hook")
+        ingest = free_port()
+        config = write_config(tmp_path, upstream.url, ingest, free_port(), database=database)
+        relay = RelayProcess(config, ingest, tmp_path / "relay.log")
+        relay.start()
+        try:
+            await relay.healthy(http)
+            bodies = make_bodies("pgdown", 8)
+
+            async def post(body: bytes, wid: str) -> int:
+                async with http.post(relay.url, data=body, headers=signed(body, msg_id=wid)) as resp:
+                    return resp.status
+
+            before = [await post(body, wid) for wid, body in bodies[:4]]
+            assert before == [200] * 4
+            cluster.halt()
+            assert await post(bodies[4][1], bodies[4][0]) == 503
+            async with http.get(f"http://127.0.0.1:{ingest}/healthz") as resp:
+                assert resp.status == 503
+            cluster.start()
+
+            async def stores_again() -> bool:
+                return await post(bodies[4][1], bodies[4][0]) == 200
+
+            await wait_until(stores_again, timeout=30, interval=0.2)
+            assert [await post(body, wid) for wid, body in bodies[5:]] == [200] * 3
+            await relay.healthy(http)
+            await wait_until(lambda: {wid for wid, _ in bodies} <= upstream.webhook_ids(), timeout=30)
+            conn = await asyncpg.connect(database)
+            try:
+                stored = {
+                    r["webhook_id"]: bytes(r["body"])
+                    for r in await conn.fetch("SELECT webhook_id, body FROM deliveries")
+                }
+            finally:
+                await conn.close()
+            assert stored == dict(bodies)
+        finally:
+            relay.cleanup()
+    finally:
+        cluster.stop()
