@@ -132,7 +132,7 @@ def wrk(
         "BENCH_PARTS": str(parts),
     }
     out = subprocess.run(
-        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(BENCH / "post.lua"), url],
+        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", "--latency", "-s", str(BENCH / "post.lua"), url],
         env=env,
         capture_output=True,
         text=True,

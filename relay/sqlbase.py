@@ -40,11 +40,14 @@ VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ORDER_CLEAR = """(o.order_key IS NULL OR NOT EXISTS (
       SELECT 1 FROM outbox o2 WHERE o2.upstream = o.upstream AND o2.order_key = o.order_key
         AND o2.state = 'pending' AND o2.id < o.id))"""
-# The earlier copy of a duplicate that this upstream already acknowledged, if any.
-ALREADY_DELIVERED_AS = """(SELECT d3.id FROM deliveries d3 JOIN outbox o3 ON o3.delivery_id = d3.id
-      WHERE d.duplicate_of IS NOT NULL AND d3.webhook_id = d.webhook_id
-        AND d3.body_sha256 = d.body_sha256 AND d3.id < d.id
-        AND o3.upstream = o.upstream AND o3.state = 'delivered' LIMIT 1)"""
+# The earlier copy of a duplicate that this upstream already acknowledged, if any. Looked up
+# from the copies (the webhook-id index), then their row for this upstream: driven from the
+# outbox's state index instead (which "|| ''" rules out), SQLite scanned every delivered row
+# for each due row.
+ALREADY_DELIVERED_AS = """CASE WHEN d.duplicate_of IS NULL THEN NULL ELSE
+      (SELECT d3.id FROM deliveries d3 JOIN outbox o3 ON o3.delivery_id = d3.id AND o3.upstream = o.upstream
+        WHERE d3.webhook_id = d.webhook_id AND d3.body_sha256 = d.body_sha256 AND d3.id < d.id
+          AND o3.state || '' = 'delivered' LIMIT 1) END"""
 OUTBOX_ITEM_COLUMNS = f"""o.id, o.delivery_id, o.upstream, o.attempts, d.method, d.query, d.headers, d.body,
     d.peer, d.webhook_id, {ALREADY_DELIVERED_AS}"""
 MARK_DELIVERED_BY_REPLAY = """

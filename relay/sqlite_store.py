@@ -49,16 +49,18 @@ _UPDATE_OUTBOX = """
 UPDATE outbox SET state = ?, attempts = attempts + ?, next_attempt_at = ?, updated_at = ?, note = ?
 WHERE id = ? AND state = 'pending'
 """
+# INDEXED BY: the planner preferred the state index and sorted every pending row for each
+# query (19 ms with a backlog of 14k); the due index yields rows in order and LIMIT stops early.
 _DUE = f"""
 SELECT {OUTBOX_ITEM_COLUMNS}
-FROM outbox o JOIN deliveries d ON d.id = o.delivery_id
+FROM outbox o INDEXED BY outbox_due JOIN deliveries d ON d.id = o.delivery_id
 WHERE o.state = 'pending' AND o.next_attempt_at <= ? AND o.upstream IN ({{upstreams}}) AND {ORDER_CLEAR}
   AND o.id NOT IN (SELECT value FROM json_each(?))
 ORDER BY o.next_attempt_at, o.id
 LIMIT ?
 """
 _NEXT_DUE = f"""
-SELECT MIN(o.next_attempt_at) FROM outbox o
+SELECT MIN(o.next_attempt_at) FROM outbox o INDEXED BY outbox_due
 WHERE o.state = 'pending' AND o.next_attempt_at > ? AND o.upstream IN ({{upstreams}}) AND {ORDER_CLEAR}
 """
 
