@@ -58,7 +58,8 @@ MIGRATIONS: tuple[str, ...] = (
         leased_by TEXT,
         UNIQUE (delivery_id, upstream)
     );
-    CREATE INDEX outbox_due ON outbox(next_attempt_at) WHERE state = 'pending';
+    CREATE INDEX outbox_due ON outbox(next_attempt_at, id) WHERE state = 'pending';
+    CREATE INDEX outbox_leased ON outbox(lease_until) WHERE state = 'pending' AND lease_until IS NOT NULL;
     CREATE INDEX outbox_order ON outbox(upstream, order_key, id) WHERE state = 'pending';
     CREATE INDEX outbox_state ON outbox(state, delivery_id);
 
