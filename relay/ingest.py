@@ -19,7 +19,7 @@ from relay.config import Config, SourceConfig, UpstreamConfig
 from relay.events import EventBus
 from relay.keys import CLOCK, CONFIG, EVENTS, METRICS, STORE, Clock
 from relay.metrics import Metrics
-from relay.model import Capture, decode_header_bytes
+from relay.model import Capture, decode_header_bytes, display_text
 from relay.policy import plan_forwards
 from relay.prediction import extract, parse_body
 from relay.store import Store, StoreUnavailable
@@ -105,9 +105,9 @@ async def capture(request: web.Request, source: SourceConfig, config: Config, no
         size=size,
         peer=request.remote,
         verdict=verdict,
-        verdict_detail=detail,
+        verdict_detail=display_text(detail),
         body_sha256=hashlib.sha256(body or b"").hexdigest(),
-        webhook_id=(header_value(headers, HEADER_ID) or "").strip() or None,
+        webhook_id=display_text((header_value(headers, HEADER_ID) or "").strip()) or None,
         body_format=body_format,
         prediction=extract(document),
     )

@@ -19,8 +19,18 @@ def decode_header_bytes(raw: bytes) -> str:
 
 
 def display_text(text: str) -> str:
-    """A header or body text safe to show: stray bytes become U+FFFD."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    """Text safe to show or to store in a text column: stray bytes (kept as surrogates by
+    decode_header_bytes) and lone surrogates (a JSON "\\ud800" escape) become U+FFFD.
+    Bodies and headers are stored as they came; this is for what is shown or indexed."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # not stray bytes: surrogates that never were UTF-8
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
 def headers_to_json(headers: HeaderPairs) -> str:

@@ -393,6 +393,9 @@ class PgStore(SqlReads):
         except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
             error = _unavailable(exc)
             log.error("could not commit %d writes: %s", len(batch), error)
+        except Exception as exc:  # a bug, not the database: fail this batch, keep the writer alive
+            error = _unavailable(exc)
+            log.exception("could not commit %d writes", len(batch))
         else:
             for op, result in zip(batch, results, strict=True):
                 if not op.future.done():

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from relay.model import PredictionInfo
+from relay.model import PredictionInfo, display_text
 
 KNOWN_STATUSES = ("starting", "processing", "succeeded", "failed", "canceled", "aborted")
 TERMINAL_STATUSES = ("succeeded", "failed", "canceled", "aborted")
@@ -16,7 +16,7 @@ TERMINAL_STATUSES = ("succeeded", "failed", "canceled", "aborted")
 
 def _text(value: Any) -> str | None:
     if isinstance(value, str) and value:
-        return value[:500]
+        return display_text(value[:500])
     return None
 
 

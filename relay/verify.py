@@ -69,7 +69,9 @@ def decode_secret(secret: str) -> bytes:
 
 
 def signed_content(msg_id: str, timestamp: str, body: bytes) -> bytes:
-    return msg_id.encode() + b"." + timestamp.encode() + b"." + body
+    """The bytes a signature covers. surrogateescape: header text holds stray (non-UTF-8)
+    bytes as surrogates (relay.model.decode_header_bytes); the sender signed those bytes."""
+    return msg_id.encode("utf-8", "surrogateescape") + b"." + timestamp.encode() + b"." + body
 
 
 def sign(key: bytes, msg_id: str, timestamp: int | str, body: bytes) -> str:

@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 
 from relay.service import Relay
+from relay.verify import sign
 
 from support import KEY, OTHER_SECRET, SECRET, lifecycle_bodies, make_config, raw_request, signed
 
@@ -154,6 +155,41 @@ async def test_empty_and_non_utf8_bodies_are_stored_exactly(relay_factory, http)
         assert status == 200, answer
         d = await stored(relay, answer["delivery"])
         assert d.body == body and d.body_format == fmt and d.verdict == "verified"
+
+
+async def test_lone_surrogate_escapes_in_json_are_stored_on_both_backends(relay_factory, http, database):
+    """JSON may escape a lone surrogate ("\\ud800"), which no text column can hold: the delivery
+    is stored all the same (it was answered 503 forever), its body byte for byte, the id shown with U+FFFD."""
+    relay = await relay_factory(make_config(database))
+    body = b'{"id": "pred\\ud800x", "status": "succeeded", "model": "\\udfff"}'
+    status, answer, _ = await post(http, relay, body, signed(body))
+    assert status == 200, answer
+    d = await stored(relay, answer["delivery"])
+    assert d.body == body and d.verdict == "verified"
+    assert d.prediction.id is not None and d.prediction.id.startswith("pred") and d.prediction.id.endswith("x")
+    assert "\ufffd" in d.prediction.id and d.prediction.status == "succeeded"
+
+
+async def test_webhook_id_with_a_stray_byte_verifies_over_the_bytes_sent(relay_factory, database):
+    """A webhook-id header holding a non-UTF-8 byte: signed over those exact bytes, it verifies and
+    is stored (it was a 500), shown with U+FFFD, and its headers keep the byte."""
+    relay = await relay_factory(make_config(database))
+    assert relay.bound is not None
+    body = b'{"id": "p1", "status": "starting"}'
+    msg_id = b"msg_\xffraw"
+    timestamp = str(int(time.time()))
+    signature = sign(KEY, msg_id.decode("utf-8", "surrogateescape"), timestamp, body)
+    head = (
+        b"POST /webhooks/replicate HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\n"
+        b"webhook-id: " + msg_id + b"\r\nwebhook-timestamp: " + timestamp.encode() + b"\r\n"
+        b"webhook-signature: " + signature.encode() + b"\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+    )
+    status, answer = await raw_request(relay.bound.ingest_url, head, body)
+    assert status == 200, answer
+    d = await stored(relay, json.loads(answer)["delivery"])
+    assert d.verdict == "verified" and d.webhook_id == "msg_\ufffdraw"
+    assert ("webhook-id", msg_id.decode("utf-8", "surrogateescape")) in d.headers
 
 
 async def test_body_over_limit_is_413_with_headers_and_size_recorded(relay_factory, http, tmp_path):

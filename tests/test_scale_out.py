@@ -110,25 +110,32 @@ async def test_three_relays_share_the_outbox_and_survive_a_sigkill(tmp_path, ser
         for wid, delivery_id in acked.items():
             row = stored[delivery_id]
             assert row["webhook_id"] == wid and hashlib.sha256(row["body"]).hexdigest() == sha[wid]
-        assert states == {"delivered": len(stored)}, states
+        # "skipped": a webhook posted again after the kill, whose first copy was delivered already.
+        assert set(states) <= {"delivered", "skipped"} and sum(states.values()) == len(stored), states
 
-        # Never sent by two relays at once: a repeat only follows a send made before the kill,
-        # and only once that send's lease could have run out.
-        arrivals: dict[str, list[float]] = collections.defaultdict(list)
-        for (_, wid), at in zip(upstream.seen, upstream.arrived_at, strict=True):
-            arrivals[wid].append(at)
-        repeats = {wid: times for wid, times in arrivals.items() if len(times) > 1}
-        for wid, times in repeats.items():
+        # Never sent by two relays at once: a delivery arrives twice only if its first send was
+        # made before the kill, and only once that send's lease could have run out. (Keyed by
+        # delivery id: a poster that lost its connection at the kill posts the webhook again,
+        # and that second delivery is forwarded too, at least once, as it should be.)
+        arrivals: dict[int, list[float]] = collections.defaultdict(list)
+        for (delivery_id, _), at in zip(upstream.seen, upstream.arrived_at, strict=True):
+            arrivals[delivery_id].append(at)
+        repeats = {did: times for did, times in arrivals.items() if len(times) > 1}
+        for did, times in repeats.items():
             first, second = times[0], times[1]
-            assert first <= killed_at, f"{wid} sent twice, though nobody died before its first send"
-            assert second - first >= LEASE - UPSTREAM_TIMEOUT - 0.1, f"{wid} sent again {second - first:.2f} s later"
+            assert first <= killed_at, f"delivery {did} sent twice, though nobody died before its first send"
+            assert second - first >= LEASE - UPSTREAM_TIMEOUT - 0.1, f"{did} sent again {second - first:.2f} s later"
 
-        # Per prediction, the first arrivals follow the order the events were acknowledged in.
-        first_seen = sorted((times[0], wid) for wid, times in arrivals.items())
+        # Per prediction, events first reach the upstream in the order they were posted in
+        # (make_bodies numbers them; four events per prediction).
+        first_seen: dict[str, float] = {}
+        for (_, wid), at in zip(upstream.seen, upstream.arrived_at, strict=True):
+            first_seen.setdefault(wid, at)
         by_prediction: dict[int, list[int]] = collections.defaultdict(list)
-        for _, wid in first_seen:
-            by_prediction[int(wid.rsplit("_", 1)[1]) // 4].append(acked[wid])  # make_bodies: 4 events each
-        out_of_order = {p: ids for p, ids in by_prediction.items() if ids != sorted(ids)}
+        for wid, _ in sorted(first_seen.items(), key=lambda item: item[1]):
+            event = int(wid.rsplit("_", 1)[1])
+            by_prediction[event // 4].append(event)
+        out_of_order = {p: events for p, events in by_prediction.items() if events != sorted(events)}
         assert not out_of_order, list(out_of_order.items())[:3]
         print(
             f"\nscale-out report: acknowledged={len(acked)} per relay={dict(acked_by)} stored={len(stored)} "
