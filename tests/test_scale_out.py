@@ -13,6 +13,7 @@ import asyncio
 import collections
 import hashlib
 import json
+import subprocess
 import time
 
 import aiohttp
@@ -20,7 +21,7 @@ import asyncpg
 
 from pgcluster import PostgresCluster
 from processes import RecordingUpstream, RelayProcess, make_bodies, write_config
-from support import catch_all, free_port, signed, wait_until
+from support import catch_all, free_port, make_config, relay_command, signed, wait_until
 
 LEASE = 3.0  # outbox_lease_seconds
 UPSTREAM_TIMEOUT = 1.0  # the lease must outlast an attempt
@@ -240,3 +241,24 @@ async def test_postgresql_going_away_answers_503_then_recovers_without_a_restart
             relay.cleanup()
     finally:
         cluster.stop()
+
+
+async def test_the_cli_inspects_and_prunes_the_shared_database(relay_factory, http, postgres):
+    """``relay list/show/prune --database postgresql://...`` work on the database the relays share."""
+    database = postgres.new_database()
+    relay = await relay_factory(make_config(database))
+    assert relay.bound is not None
+    body = make_bodies("cli", 1)[0][1]
+    async with http.post(relay.bound.ingest_url + "/webhooks/replicate", data=body, headers=signed(body)) as resp:
+        delivery_id = int((await resp.json())["delivery"])
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(relay_command(*args, "--database", database), capture_output=True, text=True, timeout=60)
+
+    listed = cli("list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [d["id"] for d in json.loads(listed.stdout)["deliveries"]] == [delivery_id]
+    shown = cli("show", str(delivery_id), "--json")
+    assert shown.returncode == 0 and json.loads(shown.stdout)["body"] == body.decode(), shown.stdout[:500]
+    pruned = cli("prune", "--older-than", "1d")
+    assert pruned.returncode == 0 and "deleted 0 deliveries" in pruned.stdout, pruned.stdout + pruned.stderr
