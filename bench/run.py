@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -226,7 +227,14 @@ def db_bytes_per_thousand(db: Path) -> float:
     return size / count * 1000 if count else float("nan")
 
 
-def run_round(work: Path, requests_file: Path, seconds: float, samples: Samples, mitmdump: Path | None) -> None:
+def run_round(
+    work: Path,
+    requests_file: Path,
+    refresh: Callable[[], None],
+    seconds: float,
+    samples: Samples,
+    mitmdump: Path | None,
+) -> None:
     sink_port = free_port()
     with process([sys.executable, str(BENCH / "sink.py"), str(sink_port)], f"http://127.0.0.1:{sink_port}/count"):
         sink = f"http://127.0.0.1:{sink_port}"
@@ -236,6 +244,7 @@ def run_round(work: Path, requests_file: Path, seconds: float, samples: Samples,
             url = f"http://127.0.0.1:{port}/webhooks/replicate"
             record(samples, "ceiling", wrk(url, requests_file, seconds, 64), wrk(url, requests_file, seconds, 10, 20))
         # relay
+        refresh()  # signatures older than the 300 s tolerance would be refused (400), not stored
         for stale in work.glob("relay.db*"):
             stale.unlink()
         urllib.request.urlopen(urllib.request.Request(sink + "/reset", method="POST"), timeout=5).close()
@@ -309,9 +318,16 @@ def wrk_spread(urls: list[str], requests_file: Path, seconds: float, connections
 
 
 def run_pg_round(
-    work: Path, requests_file: Path, seconds: float, samples: Samples, cluster: Any, instances: int
+    work: Path,
+    requests_file: Path,
+    refresh: Callable[[], None],
+    seconds: float,
+    samples: Samples,
+    cluster: Any,
+    instances: int,
 ) -> None:
     """``instances`` relays on one fresh PostgreSQL database, each loaded by its own wrk."""
+    refresh()
     name = f"pg{instances}"
     database = cluster.new_database()
     dbname = database.rsplit("/", 1)[1]
@@ -461,13 +477,18 @@ def main() -> None:
         requests_file = work / "requests.tsv"
         # Unique requests for the whole relay run: a repeated webhook-id and body is a
         # duplicate, which the relay stores but does not forward again.
-        make_requests(requests_file, 30_000 if args.quick else int(15_000 * seconds))
+        count = 30_000 if args.quick else int(15_000 * seconds)
+
+        def refresh() -> None:
+            make_requests(requests_file, count)
+
+        refresh()
         for number in range(1, rounds + 1):
             print(f"round {number}/{rounds}", flush=True)
-            run_round(work, requests_file, seconds, samples, mitmdump)
+            run_round(work, requests_file, refresh, seconds, samples, mitmdump)
             if cluster is not None:
                 for instances in (1, 3):
-                    run_pg_round(work, requests_file, seconds, samples, cluster, instances)
+                    run_pg_round(work, requests_file, refresh, seconds, samples, cluster, instances)
         print(f"query latency on {rows} deliveries", flush=True)
         asyncio.run(query_latency(work, rows, samples))
     report(samples, rounds, seconds, rows, args.quick)

@@ -34,7 +34,7 @@ from typing import Any
 import asyncpg
 
 from relay.filters import search_words
-from relay.model import Attempt, Capture, OutboxItem, PlannedForward, headers_from_json, headers_to_json
+from relay.model import Attempt, Capture, OutboxItem, PlannedForward
 from relay.pg_schema import MIGRATIONS
 from relay.sqlbase import (
     INSERT_ATTEMPT,
@@ -44,6 +44,8 @@ from relay.sqlbase import (
     OUTBOX_ITEM_COLUMNS,
     SqlReads,
     attempt_params,
+    delivery_params,
+    outbox_item_from_row,
 )
 from relay.tasks import cancel_and_wait
 from relay.writer import MAX_BATCH, CommitTimeout, StoreUnavailable
@@ -161,33 +163,7 @@ class _Op:
 
 
 def _delivery_params(c: Capture, delivery_id: int) -> tuple[Any, ...]:
-    p = c.prediction
-    return tuple(
-        _clean(v)
-        for v in (
-            delivery_id,
-            c.received_at,
-            c.source,
-            c.method,
-            c.path,
-            c.query,
-            headers_to_json(c.headers),
-            c.body,
-            c.size,
-            c.body_sha256,
-            c.body_format,
-            c.peer,
-            c.verdict.value,
-            c.verdict_detail,
-            c.webhook_id,
-            p.id,
-            p.status,
-            p.model,
-            p.version,
-            p.kind,
-            _search_text(c.body),
-        )
-    )
+    return tuple(_clean(v) for v in delivery_params(c, delivery_id)) + (_search_text(c.body),)
 
 
 class PgStore(SqlReads):
@@ -199,7 +175,14 @@ class PgStore(SqlReads):
     )
     idle_poll_seconds: float | None = IDLE_POLL_SECONDS
 
-    def __init__(self, dsn: str, pool: asyncpg.Pool, commit_timeout: float, lease_seconds: float) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        pool: asyncpg.Pool,
+        commit_timeout: float,
+        lease_seconds: float,
+        force_synchronous_commit: bool = False,
+    ) -> None:
         self._dsn = dsn
         self._pool = pool
         self._commit_timeout = commit_timeout
@@ -213,7 +196,9 @@ class PgStore(SqlReads):
         self._closing = False
         self._tasks: list[asyncio.Task[None]] = []
         self._listening = asyncio.Event()
-        self._force_synchronous_commit = False
+        # A 200 promises the delivery is on disk: on a server set to synchronous_commit = off
+        # it would not be, so then the relay's own commits ask for a synchronous one.
+        self._force_synchronous_commit = force_synchronous_commit
 
     @classmethod
     async def open(cls, dsn: str, commit_timeout: float = 10.0, lease_seconds: float = 60.0) -> PgStore:
@@ -240,10 +225,7 @@ class PgStore(SqlReads):
                 "PostgreSQL runs with fsync = off: if its machine crashes, deliveries already "
                 "answered 200 can be lost; turn fsync on for production"
             )
-        store = cls(dsn, pool, commit_timeout, lease_seconds)
-        # A 200 promises the delivery is on disk: with the server's default of
-        # synchronous_commit = off it would not be, so the relay's own commits ask for it.
-        store._force_synchronous_commit = synchronous_commit == "off"
+        store = cls(dsn, pool, commit_timeout, lease_seconds, force_synchronous_commit=synchronous_commit == "off")
         store._tasks = [
             asyncio.create_task(store._write_loop(), name="relay-pg-writer"),
             asyncio.create_task(store._listen_loop(), name="relay-pg-listen"),
@@ -306,6 +288,8 @@ class PgStore(SqlReads):
                     await conn.execute("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p", CHANNEL, payloads)
             except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
                 log.warning("could not share %d live events with other relays: %s", len(payloads), exc)
+            except Exception:
+                log.exception("sharing %d live events with other relays failed unexpectedly", len(payloads))
 
     async def _listen_loop(self) -> None:
         """Hold a LISTEN connection open, reconnecting if the database goes away."""
@@ -322,6 +306,8 @@ class PgStore(SqlReads):
                 log.warning("lost the LISTEN connection to PostgreSQL; reconnecting")
             except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
                 log.warning("cannot LISTEN for other relays' events: %s", exc)
+            except Exception:
+                log.exception("LISTEN for other relays' events failed unexpectedly; retrying")
             finally:
                 if conn is not None and not conn.is_closed():
                     await conn.close()
@@ -471,8 +457,10 @@ class PgStore(SqlReads):
         while True:
             deleted = int(
                 await self._write(
+                    # SKIP LOCKED: relays pruning at the same hour take turns instead of deadlocking.
                     returning="WITH gone AS (DELETE FROM deliveries WHERE id IN (SELECT id FROM deliveries "
-                    "WHERE received_at < $1 ORDER BY id LIMIT $2) RETURNING 1) SELECT COUNT(*) FROM gone",
+                    "WHERE received_at < $1 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING 1) "
+                    "SELECT COUNT(*) FROM gone",
                     params=(older_than, batch),
                 )
             )
@@ -537,22 +525,7 @@ class PgStore(SqlReads):
                 rows = await conn.fetch(_CLAIMED, claimed) if claimed else []
         except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
             raise _unavailable(exc) from exc
-        return [
-            OutboxItem(
-                outbox_id=r[0],
-                delivery_id=r[1],
-                upstream=r[2],
-                attempts_made=r[3],
-                method=r[4],
-                query=r[5],
-                headers=headers_from_json(r[6]),
-                body=bytes(r[7] or b""),
-                peer=r[8],
-                webhook_id=r[9],
-                already_delivered_as=r[10],
-            )
-            for r in rows
-        ]
+        return [outbox_item_from_row(r) for r in rows]
 
     async def next_due_after(self, now: float, upstreams: tuple[str, ...]) -> float | None:
         """When the next row becomes sendable: its retry time, or its lease running out."""

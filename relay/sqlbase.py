@@ -16,9 +16,11 @@ from typing import Any
 from relay.filters import DeliveryFilter
 from relay.model import (
     Attempt,
+    Capture,
     Delivery,
     DeliverySummary,
     Forwarding,
+    OutboxItem,
     PredictionInfo,
     headers_from_json,
     headers_to_json,
@@ -85,6 +87,50 @@ def attempt_params(attempt: Attempt) -> tuple[Any, ...]:
         attempt.outcome,
         headers_to_json(attempt.request_headers),
         attempt.request_body,
+    )
+
+
+def delivery_params(c: Capture, delivery_id: int) -> tuple[Any, ...]:
+    """The columns of a new delivery row, in the order both backends' INSERT lists them."""
+    p = c.prediction
+    return (
+        delivery_id,
+        c.received_at,
+        c.source,
+        c.method,
+        c.path,
+        c.query,
+        headers_to_json(c.headers),
+        c.body,
+        c.size,
+        c.body_sha256,
+        c.body_format,
+        c.peer,
+        c.verdict.value,
+        c.verdict_detail,
+        c.webhook_id,
+        p.id,
+        p.status,
+        p.model,
+        p.version,
+        p.kind,
+    )
+
+
+def outbox_item_from_row(r: Any) -> OutboxItem:
+    """An OutboxItem from a row of OUTBOX_ITEM_COLUMNS (a sqlite3.Row or an asyncpg Record)."""
+    return OutboxItem(
+        outbox_id=r[0],
+        delivery_id=r[1],
+        upstream=r[2],
+        attempts_made=r[3],
+        method=r[4],
+        query=r[5],
+        headers=headers_from_json(r[6]),
+        body=bytes(r[7] or b""),
+        peer=r[8],
+        webhook_id=r[9],
+        already_delivered_as=r[10],
     )
 
 

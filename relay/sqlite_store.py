@@ -18,7 +18,7 @@ from typing import Any
 import aiosqlite
 
 from relay.filters import fts_phrase
-from relay.model import Attempt, Capture, OutboxItem, PlannedForward, headers_from_json, headers_to_json
+from relay.model import Attempt, Capture, OutboxItem, PlannedForward
 from relay.schema import MIGRATIONS, PRAGMAS, split_statements
 from relay.sqlbase import (
     INSERT_ATTEMPT,
@@ -28,6 +28,8 @@ from relay.sqlbase import (
     OUTBOX_ITEM_COLUMNS,
     SqlReads,
     attempt_params,
+    delivery_params,
+    outbox_item_from_row,
 )
 from relay.writer import StoreUnavailable, WriteOp, Writer
 
@@ -171,37 +173,11 @@ class SqliteStore(SqlReads):
         """
         forwards = tuple(forwards)
         c = capture
-        p = c.prediction
 
         def rows(delivery_id: int) -> list[tuple[str, Sequence[Any]]]:
+            # The last two feed the duplicate_of subquery.
             out: list[tuple[str, Sequence[Any]]] = [
-                (
-                    _INSERT_DELIVERY,
-                    (
-                        delivery_id,
-                        c.received_at,
-                        c.source,
-                        c.method,
-                        c.path,
-                        c.query,
-                        headers_to_json(c.headers),
-                        c.body,
-                        c.size,
-                        c.body_sha256,
-                        c.body_format,
-                        c.peer,
-                        c.verdict.value,
-                        c.verdict_detail,
-                        c.webhook_id,
-                        p.id,
-                        p.status,
-                        p.model,
-                        p.version,
-                        p.kind,
-                        c.webhook_id,
-                        c.body_sha256,
-                    ),
-                )
+                (_INSERT_DELIVERY, (*delivery_params(c, delivery_id), c.webhook_id, c.body_sha256))
             ]
             for f in forwards:
                 due = c.received_at if f.state == "pending" else None
@@ -351,22 +327,7 @@ class SqliteStore(SqlReads):
             return []
         sql = _DUE.format(upstreams=", ".join("?" * len(upstreams)))
         rows = await self._fetchall(sql, (now, *upstreams, json.dumps(sorted(exclude)), limit))
-        return [
-            OutboxItem(
-                outbox_id=r[0],
-                delivery_id=r[1],
-                upstream=r[2],
-                attempts_made=r[3],
-                method=r[4],
-                query=r[5],
-                headers=headers_from_json(r[6]),
-                body=bytes(r[7] or b""),
-                peer=r[8],
-                webhook_id=r[9],
-                already_delivered_as=r[10],
-            )
-            for r in rows
-        ]
+        return [outbox_item_from_row(r) for r in rows]
 
     async def next_due_after(self, now: float, upstreams: Sequence[str]) -> float | None:
         """When the next sendable row (not held back by ordering) becomes due after ``now``."""
