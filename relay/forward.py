@@ -103,6 +103,9 @@ class Forwarder:
             except StoreUnavailable as exc:
                 log.error("forwarder cannot read the outbox: %s", exc)
                 next_due = now + STORE_RETRY_SECONDS
+            except Exception:  # keep forwarding alive through a bug or an odd database error
+                log.exception("forwarder: looking for due rows failed unexpectedly")
+                next_due = now + STORE_RETRY_SECONDS
             timeout = None if next_due is None else max(next_due - self._clock(), 0.0)
             poll = self._store.idle_poll_seconds
             if poll is not None:
