@@ -208,12 +208,19 @@ def _database(key: str, value: Any) -> str:
 
 
 def redact_database(database: str) -> str:
-    """Hide the password of a database URL (it must never reach logs, pages or the API)."""
-    parts = urlsplit(database)
-    if "://" not in database or parts.password is None:
+    """Hide the password of a database URL, in its user part or its query (``?password=``):
+    it must never reach logs, pages or the API."""
+    if "://" not in database:
         return database
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    parts = urlsplit(database)
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = netloc.replace(f":{parts.password}@", ":***@", 1)
+    query = "&".join(
+        f"{key}=***" if key.lower() in ("password", "passfile", "sslpassword") else f"{key}={value}"
+        for key, value in (item.partition("=")[::2] for item in parts.query.split("&") if item)
+    )
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 RELAY_KEYS: dict[str, Checker] = {
@@ -357,12 +364,17 @@ def parse_config(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
 
     lease = relay.outbox_lease_seconds
     slowest = max(upstreams, key=lambda u: u.timeout_seconds, default=None)
-    if lease is not None and slowest is not None and lease <= slowest.timeout_seconds:
-        raise ConfigError(
-            f"relay.outbox_lease_seconds: must be longer than every upstream's timeout_seconds "
-            f"({slowest.name} has {slowest.timeout_seconds:g}), or another relay could send a row "
-            "while this one's attempt still runs"
-        )
+    # An attempt holds its row for its timeout, then waits for its result's commit (up to
+    # commit_timeout_seconds in the queue and as long again in the batch).
+    if lease is not None and slowest is not None:
+        needed = slowest.timeout_seconds + 2 * relay.commit_timeout_seconds
+        if lease <= needed:
+            raise ConfigError(
+                f"relay.outbox_lease_seconds: must be longer than the slowest upstream's timeout_seconds "
+                f"({slowest.name}: {slowest.timeout_seconds:g}) plus twice commit_timeout_seconds "
+                f"({relay.commit_timeout_seconds:g}), so more than {needed:g}; else another relay could "
+                "send a row while this one's attempt or its result is still under way"
+            )
     return Config(relay=relay, sources=tuple(sources), upstreams=tuple(upstreams))
 
 

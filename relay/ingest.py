@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 CHUNK = 64 * 1024
 # How far past the limit an over-size body is read (to report its size) before giving up.
 OVERSIZE_DRAIN = 16 * 1024 * 1024
+MAX_RECORDED_SIZE = 2**62
 SOURCE_KEY = web.AppKey("source_by_path", dict[str, SourceConfig])
 
 
@@ -52,7 +53,8 @@ async def read_body(request: web.Request, limit: int, timeout: float) -> tuple[b
 async def _read_body(request: web.Request, limit: int) -> tuple[bytes | None, int]:
     declared = request.content_length
     if declared is not None and declared > limit:
-        return None, declared
+        # Only a claim (the body is not read): capped so an absurd one still fits a 64-bit column.
+        return None, min(declared, MAX_RECORDED_SIZE)
     if declared is not None:
         body = await request.content.readexactly(declared) if declared else b""
         return body, len(body)

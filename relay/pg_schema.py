@@ -21,7 +21,7 @@ MIGRATIONS: tuple[str, ...] = (
         query TEXT NOT NULL,
         headers TEXT NOT NULL,
         body BYTEA,
-        size INTEGER NOT NULL,
+        size BIGINT NOT NULL,  -- a refused body's declared Content-Length may pass 2^31
         body_sha256 TEXT NOT NULL,
         body_format TEXT NOT NULL,
         peer TEXT,

@@ -114,10 +114,17 @@ SELECT LEAST(
      WHERE o.state = 'pending' AND o.lease_until > $1 AND o.upstream = ANY($2::text[])))
 """
 # "AND state = 'pending'": a settled row is never moved back by a late or repeated result.
+# "leased_by": a relay whose lease ran out (another took the row over) settles nothing;
+# its attempt is still recorded.
 _UPDATE_OUTBOX = """
 UPDATE outbox SET state = $1, attempts = attempts + $2, next_attempt_at = $3, updated_at = $4, note = $5,
     lease_until = NULL, leased_by = NULL
-WHERE id = $6 AND state = 'pending'
+WHERE id = $6 AND state = 'pending' AND (leased_by IS NULL OR leased_by = $7)
+"""
+_SYNCHRONOUS = "SELECT set_config('synchronous_commit', 'on', true) WHERE current_setting('synchronous_commit') = 'off'"
+_ORDER_LOCKS = """
+SELECT pg_advisory_xact_lock(h) FROM (
+    SELECT DISTINCT hashtextextended(k, 0) AS h FROM unnest($1::text[]) AS k ORDER BY h) AS keys
 """
 
 
@@ -179,12 +186,15 @@ class PgStore(SqlReads):
         self,
         dsn: str,
         pool: asyncpg.Pool,
+        write_pool: asyncpg.Pool,
         commit_timeout: float,
         lease_seconds: float,
-        force_synchronous_commit: bool = False,
     ) -> None:
         self._dsn = dsn
         self._pool = pool
+        # The group commit has connections of its own: slow reads (a big API query) holding
+        # every pooled connection must not keep deliveries from being stored.
+        self._write_pool = write_pool
         self._commit_timeout = commit_timeout
         self._lease_seconds = lease_seconds
         self.instance = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -196,36 +206,43 @@ class PgStore(SqlReads):
         self._closing = False
         self._tasks: list[asyncio.Task[None]] = []
         self._listening = asyncio.Event()
-        # A 200 promises the delivery is on disk: on a server set to synchronous_commit = off
-        # it would not be, so then the relay's own commits ask for a synchronous one.
-        self._force_synchronous_commit = force_synchronous_commit
+        self._healthz_key = f"healthz:{self.instance}"  # one row per relay: no lock shared between relays
 
     @classmethod
     async def open(cls, dsn: str, commit_timeout: float = 10.0, lease_seconds: float = 60.0) -> PgStore:
         """Connect, migrate (once, even with several relays starting together) and start the writer."""
+        settings = {
+            # The relay's queries are short; compiling them cost more than running them (22 ms
+            # of JIT on a 60 ms claim, measured with a 15k backlog).
+            "jit": "off",
+            # Never wait on another session's lock past the commit deadline, and end a
+            # transaction left open by a relay that hung or lost its network.
+            "lock_timeout": str(int(commit_timeout * 1000)),
+            "idle_in_transaction_session_timeout": "60000",
+        }
         try:
-            # jit off: the relay's queries are short, and compiling them cost more than running
-            # them (22 ms of JIT on a 60 ms claim, measured with a 15k backlog).
             pool = await asyncpg.create_pool(
-                dsn, min_size=2, max_size=10, command_timeout=commit_timeout * 3, server_settings={"jit": "off"}
+                dsn, min_size=1, max_size=10, command_timeout=commit_timeout * 3, server_settings=settings
+            )
+            write_pool = await asyncpg.create_pool(
+                dsn, min_size=1, max_size=2, command_timeout=commit_timeout * 3, server_settings=settings
             )
         except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
             raise StoreUnavailable(f"cannot connect to PostgreSQL: {type(exc).__name__}: {exc}") from exc
         try:
             async with pool.acquire() as conn, conn.transaction():
                 await _migrate(conn)
-                settings = await conn.fetchrow("SELECT current_setting('synchronous_commit'), current_setting('fsync')")
-                assert settings is not None
-                synchronous_commit, fsync = settings
+                fsync = await conn.fetchval("SELECT current_setting('fsync')")
         except BaseException:
             await pool.close()
+            await write_pool.close()
             raise
         if fsync == "off":
             log.warning(
                 "PostgreSQL runs with fsync = off: if its machine crashes, deliveries already "
                 "answered 200 can be lost; turn fsync on for production"
             )
-        store = cls(dsn, pool, commit_timeout, lease_seconds, force_synchronous_commit=synchronous_commit == "off")
+        store = cls(dsn, pool, write_pool, commit_timeout, lease_seconds)
         store._tasks = [
             asyncio.create_task(store._write_loop(), name="relay-pg-writer"),
             asyncio.create_task(store._listen_loop(), name="relay-pg-listen"),
@@ -239,7 +256,11 @@ class PgStore(SqlReads):
         return store
 
     async def close(self) -> None:
-        """Commit what is queued, then stop the background tasks and the pool."""
+        """Commit what is queued, then stop the background tasks and the pools."""
+        try:
+            await self._write([("DELETE FROM meta WHERE key = $1", (self._healthz_key,))])
+        except StoreUnavailable as exc:
+            log.warning("could not remove this relay's health row: %s", exc)
         self._closing = True
         self._queued.set()
         writer, *others = self._tasks
@@ -248,6 +269,7 @@ class PgStore(SqlReads):
             await cancel_and_wait(task)
         self._tasks = []
         await self._pool.close()
+        await self._write_pool.close()
 
     # --- notifications -------------------------------------------------------------
 
@@ -376,12 +398,19 @@ class PgStore(SqlReads):
                 results = await self._run_batch(batch)
         except TimeoutError:
             error: StoreUnavailable = CommitTimeout("PostgreSQL did not commit within commit_timeout_seconds")
-        except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
+        except UNAVAILABLE as exc:
             error = _unavailable(exc)
             log.error("could not commit %d writes: %s", len(batch), error)
-        except Exception as exc:  # a bug, not the database: fail this batch, keep the writer alive
+        except Exception as exc:
+            if len(batch) > 1:
+                # One write the database refuses (a value it cannot hold, a bug) must not sink
+                # the deliveries committed beside it: commit each on its own instead.
+                log.exception("a batch of %d writes failed; committing them one by one", len(batch))
+                for op in batch:
+                    await self._commit_batch([op])
+                return
             error = _unavailable(exc)
-            log.exception("could not commit %d writes", len(batch))
+            log.error("a write was refused: %s", error)
         else:
             for op, result in zip(batch, results, strict=True):
                 if not op.future.done():
@@ -394,10 +423,16 @@ class PgStore(SqlReads):
     async def _run_batch(self, batch: list[_Op]) -> list[Any]:
         """One transaction for the whole batch: new deliveries, then the other writes grouped by statement."""
         results: list[Any] = [None] * len(batch)
-        async with self._pool.acquire() as conn, conn.transaction():
-            if self._force_synchronous_commit:
-                await conn.execute("SET LOCAL synchronous_commit = on")
+        async with self._write_pool.acquire() as conn, conn.transaction():
+            # A 200 promises the delivery is on disk: on a server set (now or by a later reload)
+            # to synchronous_commit = off it would not be, so this commit asks for it.
+            await conn.execute(_SYNCHRONOUS)
             arriving = [(i, op) for i, op in enumerate(batch) if op.capture is not None]
+            keys = sorted({f.order_key for _, op in arriving for f in op.forwards if f.order_key is not None})
+            if keys:
+                # Outbox ids decide the order of a prediction's events. Relays committing events
+                # of one prediction at once take turns here, so ids follow commit order.
+                await conn.execute(_ORDER_LOCKS, keys)
             if arriving:
                 ids = [int(r[0]) for r in await conn.fetch(_NEW_IDS, len(arriving))]
                 deliveries, outbox = [], []
@@ -430,12 +465,12 @@ class PgStore(SqlReads):
         await self._write(
             [
                 (numbered(INSERT_ATTEMPT), attempt_params(attempt)),
-                (_UPDATE_OUTBOX, (state, 1, next_attempt_at, attempt.started_at, note, outbox_id)),
+                (_UPDATE_OUTBOX, (state, 1, next_attempt_at, attempt.started_at, note, outbox_id, self.instance)),
             ]
         )
 
     async def settle_outbox(self, outbox_id: int, state: str, note: str, now: float) -> None:
-        await self._write([(_UPDATE_OUTBOX, (state, 0, None, now, note, outbox_id))])
+        await self._write([(_UPDATE_OUTBOX, (state, 0, None, now, note, outbox_id, self.instance))])
 
     async def record_attempt(self, attempt: Attempt) -> int:
         attempt_id = await self._write(
@@ -488,9 +523,9 @@ class PgStore(SqlReads):
         await self._write(
             [
                 (
-                    "INSERT INTO meta (key, value) VALUES ('healthz', $1) "
+                    "INSERT INTO meta (key, value) VALUES ($1, $2) "
                     "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                    (str(now),),
+                    (self._healthz_key, str(now)),
                 )
             ]
         )

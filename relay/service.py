@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_SECONDS = 10.0
 KEEPALIVE_SECONDS = 75.0
-LEASE_MARGIN_SECONDS = 30.0
+LEASE_MARGIN_SECONDS = 10.0
 
 
 def lease_seconds(config: Config) -> float:
@@ -42,7 +42,8 @@ def lease_seconds(config: Config) -> float:
     """
     if config.relay.outbox_lease_seconds is not None:
         return config.relay.outbox_lease_seconds
-    return max((u.timeout_seconds for u in config.upstreams), default=0.0) + LEASE_MARGIN_SECONDS
+    slowest = max((u.timeout_seconds for u in config.upstreams), default=0.0)
+    return slowest + 2 * config.relay.commit_timeout_seconds + LEASE_MARGIN_SECONDS
 
 
 @dataclass(frozen=True)

@@ -127,24 +127,46 @@ class Writer:
             while len(batch) < MAX_BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
-                await loop.run_in_executor(self._executor, self._commit, batch)
+                try:
+                    await loop.run_in_executor(self._executor, self._commit, batch)
+                except sqlite3.OperationalError:
+                    raise  # the database (disk, lock): every write would fail alike
+                except Exception:
+                    if len(batch) == 1:
+                        raise
+                    # One write the database refuses (a value it cannot hold) must not sink the
+                    # deliveries committed beside it: commit each on its own instead.
+                    log.exception("a batch of %d writes failed; committing them one by one", len(batch))
+                    await self._one_by_one(batch)
+                    continue
             except Exception as exc:
                 self.failing = f"{type(exc).__name__}: {exc}"
                 log.error("commit of %d write(s) failed: %s", len(batch), self.failing)
-                error = StoreUnavailable(self.failing)
-                for op in batch:
-                    if not op.future.done():
-                        op.future.set_exception(error)
+                _fail(batch, StoreUnavailable(self.failing))
             else:
                 self.failing = None
-                for op in batch:
-                    if not op.future.done():
-                        op.future.set_result(op.result)
-                for listener in self._on_commit:
-                    listener()
+                self._settled(batch)
             finally:
                 for _ in batch:
                     self._queue.task_done()
+
+    async def _one_by_one(self, batch: list[WriteOp[Any]]) -> None:
+        loop = asyncio.get_running_loop()
+        for op in batch:
+            try:
+                await loop.run_in_executor(self._executor, self._commit, [op])
+            except Exception as exc:
+                log.error("a write was refused on its own: %s: %s", type(exc).__name__, exc)
+                _fail([op], StoreUnavailable(f"{type(exc).__name__}: {exc}"))
+            else:
+                self._settled([op])
+
+    def _settled(self, batch: list[WriteOp[Any]]) -> None:
+        for op in batch:
+            if not op.future.done():
+                op.future.set_result(op.result)
+        for listener in self._on_commit:
+            listener()
 
     def _commit(self, batch: list[WriteOp[Any]]) -> None:
         """Runs on the writer thread: one transaction for the whole batch."""
@@ -183,3 +205,9 @@ class Writer:
                 except sqlite3.Error as exc:  # the connection may itself be broken; report the first error
                     log.error("rollback failed: %s", exc)
             raise
+
+
+def _fail(batch: list[WriteOp[Any]], error: BaseException) -> None:
+    for op in batch:
+        if not op.future.done():
+            op.future.set_exception(error)

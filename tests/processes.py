@@ -29,6 +29,7 @@ def write_config(
     upstream_timeout: float = 5,
     relay_extra: str = "",
     name: str = "relay.toml",
+    commit_timeout: float = 5,
 ) -> Path:
     """A config for ``relay serve``: one signed source, one upstream retried quickly and for long."""
     path = tmp_path / name
@@ -38,7 +39,7 @@ def write_config(
 database = "{database or tmp_path / "relay.db"}"
 ingest_listen = "127.0.0.1:{ingest}"
 ui_listen = "127.0.0.1:{ui}"
-commit_timeout_seconds = 5
+commit_timeout_seconds = {commit_timeout}
 {relay_extra}
 
 [[sources]]

@@ -558,3 +558,67 @@ def test_listen_without_valid_host_port_is_refused(value):
 def test_ipv6_listen_in_brackets_is_accepted():
     config = parse_config({"relay": {"ingest_listen": "[::1]:8080"}}, {})
     assert config.relay.ingest_listen.host == "::1" and config.relay.ingest_listen.is_loopback
+
+
+# --- the database: a SQLite path or a PostgreSQL URL, and the shared outbox's lease ------
+
+
+def _relay(
+    values: dict[str, object], env: dict[str, str] | None = None, upstreams: list[dict[str, object]] | None = None
+):
+    raw: dict[str, object] = {"relay": values, "sources": [{"name": "s", "path": "/hook"}]}
+    if upstreams is not None:
+        raw["upstreams"] = [{"name": "app", "source": "s", "url": "http://127.0.0.1:9/h", **u} for u in upstreams]
+    return parse_config(raw, env or {})
+
+
+@pytest.mark.parametrize("url", ["postgresql://relay@db.internal:5432/relay", "postgres:///relay", "relay.db"])
+def test_database_takes_a_sqlite_path_or_a_postgresql_url(url):
+    assert _relay({"database": url}).relay.database == url
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("postgresql://db:notaport/relay", "bad port"),
+        ("postgresql://", "names no host or database"),
+        ("mysql://db/relay", "SQLite file path or a postgresql:// URL"),
+    ],
+)
+def test_bad_database_urls_are_refused_naming_the_key(url, message):
+    with pytest.raises(ConfigError, match=rf"^relay\.database: .*{re.escape(message)}"):
+        _relay({"database": url})
+
+
+def test_database_env_reads_the_url_and_refuses_an_unset_variable_or_both_forms():
+    url = "postgresql://relay:s3cret@db/relay"
+    assert _relay({"database_env": "DB_URL"}, {"DB_URL": url}).relay.database == url
+    with pytest.raises(ConfigError, match=r"^relay\.database_env: environment variable DB_URL is not set"):
+        _relay({"database_env": "DB_URL"})
+    with pytest.raises(ConfigError, match=r"^relay\.database_env: give either"):
+        _relay({"database_env": "DB_URL", "database": "x.db"}, {"DB_URL": url})
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://relay:s3cret@db/relay",
+        "postgresql://relay@db/relay?password=s3cret&sslmode=require",
+        "postgresql://relay@db/relay?sslpassword=s3cret",
+    ],
+)
+def test_the_database_password_is_never_shown(url):
+    config = _relay({"database": url})
+    shown = config.relay.database_shown
+    assert "s3cret" not in shown and "***" in shown and shown.startswith("postgresql://relay")
+    assert "sslmode=require" in shown or "sslmode" not in url
+    with pytest.raises(ConfigError) as refused:  # nor in a refusal
+        _relay({"database": url.replace("@db/", "@db:bad/")})
+    assert "bad port" in str(refused.value) and "s3cret" not in str(refused.value)
+
+
+def test_outbox_lease_must_outlast_an_attempt_and_its_commit():
+    upstreams = [{"timeout_seconds": 10}]
+    assert _relay({"outbox_lease_seconds": 31, "commit_timeout_seconds": 10}, upstreams=upstreams)
+    with pytest.raises(ConfigError, match=r"^relay\.outbox_lease_seconds: .*more than 30"):
+        _relay({"outbox_lease_seconds": 30, "commit_timeout_seconds": 10}, upstreams=upstreams)

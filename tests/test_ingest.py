@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import sqlite3
 import time
 from pathlib import Path
 
 import aiohttp
 import pytest
+from yarl import URL
 
 from relay.service import Relay
 from relay.verify import sign
@@ -205,6 +207,37 @@ async def test_body_over_limit_is_413_with_headers_and_size_recorded(relay_facto
     ok = b"x" * 1000
     status, answer, _ = await post(http, relay, ok, signed(ok))
     assert status == 200
+
+
+async def test_an_absurd_declared_length_is_recorded_and_sinks_no_other_delivery(relay_factory, http, database):
+    """Content-Length: 3000000000 (past a 32-bit column) among real webhooks: it gets 413 with the
+    declared size recorded, and every webhook committed beside it gets its 200."""
+    relay = await relay_factory(make_config(database, relay={"max_body_bytes": 1000}))
+    assert relay.bound is not None
+    head = (
+        b"POST /webhooks/replicate HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 3000000000\r\nConnection: close\r\n\r\n"
+    )
+    bodies = [b'{"id": "p%d", "status": "starting"}' % i for i in range(20)]
+
+    async def declare_only() -> tuple[int, bytes]:
+        """Send the head, never the body; read the answer (the relay keeps the socket open a while)."""
+        url = URL(relay.bound.ingest_url)
+        reader, writer = await asyncio.open_connection(url.host, url.port)
+        try:
+            writer.write(head)
+            answer_head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            length = int(re.search(rb"(?i)content-length: (\d+)", answer_head).group(1))  # type: ignore[union-attr]
+            return int(answer_head.split(b" ", 2)[1]), await asyncio.wait_for(reader.readexactly(length), 10)
+        finally:
+            writer.close()
+
+    results = await asyncio.gather(declare_only(), *(post(http, relay, body, signed(body)) for body in bodies))
+    (status, answer), normal = results[0], results[1:]
+    assert status == 413, answer
+    assert [r[0] for r in normal] == [200] * 20
+    d = await stored(relay, json.loads(answer)["delivery"])
+    assert d.body is None and d.size == 3_000_000_000
 
 
 async def test_chunked_body_over_limit_is_413(relay_factory, http, tmp_path):

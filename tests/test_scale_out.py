@@ -24,7 +24,8 @@ from processes import RecordingUpstream, RelayProcess, make_bodies, write_config
 from support import catch_all, free_port, make_config, relay_command, signed, wait_until
 
 LEASE = 3.0  # outbox_lease_seconds
-UPSTREAM_TIMEOUT = 1.0  # the lease must outlast an attempt
+UPSTREAM_TIMEOUT = 1.0  # the lease must outlast an attempt and its result's commit:
+COMMIT_TIMEOUT = 0.9  # more than 1 + 2 x 0.9
 
 
 async def test_three_relays_share_the_outbox_and_survive_a_sigkill(tmp_path, serve, http, postgres):
@@ -43,6 +44,7 @@ async def test_three_relays_share_the_outbox_and_survive_a_sigkill(tmp_path, ser
             upstream_timeout=UPSTREAM_TIMEOUT,
             relay_extra=f"outbox_lease_seconds = {LEASE}",
             name=f"relay{n}.toml",
+            commit_timeout=COMMIT_TIMEOUT,
         )
         relays.append(RelayProcess(config, ingest, tmp_path / f"relay{n}.log"))
     bodies = make_bodies("s", 1200)  # 300 predictions, four events each

@@ -863,3 +863,85 @@ async def test_pg_server_not_listening_is_reported_at_once():
     message = str(raised.value)
     assert "cannot connect to PostgreSQL" in message
     assert str(port) in message
+
+
+async def test_pg_a_relay_whose_lease_ran_out_cannot_free_the_row_for_a_third(postgres: PostgresCluster):
+    """A's attempt outlived its lease and B took the row over; A's late result is recorded but
+    settles nothing, so C cannot claim the row while B is still sending it."""
+    dsn = postgres.new_database()
+    a, b, c = stores = await open_all(*(open_store(dsn, lease_seconds=40) for _ in range(3)))
+    try:
+        await a.record_delivery(capture(T0, prediction=PredictionInfo(id="P")), [pending("up0", "P")])
+        (item,) = await a.due_outbox(T0, UP0, 10)
+        assert [i.outbox_id for i in await b.due_outbox(T0 + 41, UP0, 10)] == [item.outbox_id]
+        await a.finish_attempt(
+            item.outbox_id, attempt(item.delivery_id, status=500, outcome="retry"), "pending", T0 + 42, "retry"
+        )
+        assert await c.due_outbox(T0 + 43, UP0, 10) == []
+        fw = (await a.get_delivery(item.delivery_id)).forwarding[0]
+        assert (fw.state, fw.attempts_made, len(fw.attempts)) == ("pending", 0, 1)  # recorded, not counted
+        await b.finish_attempt(item.outbox_id, attempt(item.delivery_id), "delivered", None, None)
+        assert (await a.get_delivery(item.delivery_id)).forwarding[0].state == "delivered"
+    finally:
+        await close_all(stores)
+
+
+async def test_pg_events_of_one_prediction_committed_by_two_relays_keep_their_order(postgres: PostgresCluster):
+    """Relay A is committing event 1 of P (its transaction is open, as during a slow fsync) when
+    relay B stores event 2: B waits for A's commit, so event 2 is never sent before event 1."""
+    import relay.pg_store as pg
+
+    dsn = postgres.new_database()
+    a, b = stores = await open_all(open_store(dsn), open_store(dsn))
+    conn = await asyncpg.connect(dsn)
+    try:
+        tx = conn.transaction()
+        await tx.start()  # A's group commit, under way: the same statements, not yet committed
+        await conn.execute(pg._ORDER_LOCKS, ["P"])
+        first_id = await conn.fetchval(pg._NEW_IDS, 1)
+        first = capture(T0, prediction=PredictionInfo(id="P"), webhook_id="e1")
+        await conn.execute(pg._INSERT_DELIVERY, *pg._delivery_params(first, first_id))
+        await conn.execute(pg.numbered(pg.INSERT_OUTBOX), first_id, "up0", "pending", "P", T0, T0, None)
+        second = asyncio.create_task(
+            b.record_delivery(
+                capture(T0 + 0.01, prediction=PredictionInfo(id="P"), webhook_id="e2"), [pending("up0", "P")]
+            )
+        )
+        watcher = await asyncpg.connect(dsn)
+        try:
+
+            async def b_blocked_or_done() -> bool:
+                waiting = await watcher.fetchval(
+                    "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                )
+                return second.done() or waiting > 0
+
+            await wait_until(b_blocked_or_done, timeout=10)
+        finally:
+            await watcher.close()
+        assert not second.done(), "relay B stored event 2 while event 1 was still being committed"
+        await tx.commit()
+        second_id = await second
+        assert [i.delivery_id for i in await b.due_outbox(T0 + 1, UP0, 10)] == [first_id]
+        assert second_id > first_id
+    finally:
+        await conn.close()
+        await close_all(stores)
+
+
+async def test_pg_health_checks_of_relays_do_not_wait_on_each_other(postgres: PostgresCluster):
+    """A relay whose transaction hangs on its own health row must not make the others unhealthy."""
+    dsn = postgres.new_database()
+    a, b = stores = await open_all(open_store(dsn, commit_timeout=2), open_store(dsn, commit_timeout=2))
+    conn = await asyncpg.connect(dsn)
+    try:
+        await a.check_writable(T0)
+        tx = conn.transaction()
+        await tx.start()  # a hung relay: a transaction holding A's health row, never finishing
+        await conn.execute("UPDATE meta SET value = 'x' WHERE key LIKE 'healthz%'")
+        await b.check_writable(T0 + 1)  # B's own row: no wait
+        assert await b.record_delivery(capture(T0 + 1), [pending()]) > 0
+        await tx.rollback()
+    finally:
+        await conn.close()
+        await close_all(stores)
