@@ -206,6 +206,7 @@ class PgStore(SqlReads):
         self._closing = False
         self._tasks: list[asyncio.Task[None]] = []
         self._listening = asyncio.Event()
+        self._committing: list[_Op] = []
         self._healthz_key = f"healthz:{self.instance}"  # one row per relay: no lock shared between relays
 
     @classmethod
@@ -245,6 +246,7 @@ class PgStore(SqlReads):
         store = cls(dsn, pool, write_pool, commit_timeout, lease_seconds)
         store._tasks = [
             asyncio.create_task(store._write_loop(), name="relay-pg-writer"),
+            asyncio.create_task(store._expire(), name="relay-pg-deadline"),
             asyncio.create_task(store._listen_loop(), name="relay-pg-listen"),
             asyncio.create_task(store._notify_loop(), name="relay-pg-notify"),
         ]
@@ -375,22 +377,32 @@ class PgStore(SqlReads):
         return await self._enqueue(_Op(rows=rows, returning=(returning, params) if returning else None))
 
     async def _write_loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await self._queued.wait()
             self._queued.clear()
             while self._queue:
                 batch = [self._queue.popleft() for _ in range(min(MAX_BATCH, len(self._queue)))]
-                live = []
-                for op in batch:
-                    if loop.time() - op.enqueued_at > self._commit_timeout:
-                        _fail(op.future, CommitTimeout("not committed within commit_timeout_seconds"))
-                    else:
-                        live.append(op)
-                if live:
-                    await self._commit_batch(live)
+                # A write whose waiter gave up (the watchdog answered it) is still committed:
+                # its caller answered 503, and the sender's retry is recognised as a duplicate.
+                self._committing = batch
+                try:
+                    await self._commit_batch(batch)
+                finally:
+                    self._committing = []
             if self._closing:
                 return
+
+    async def _expire(self) -> None:
+        """Fail waiters older than commit_timeout, queued or in the batch being committed, so no
+        request waits longer than promised (one timer for all, as in the SQLite writer)."""
+        loop = asyncio.get_running_loop()
+        error = CommitTimeout(f"not committed within {self._commit_timeout:g} s")
+        while True:
+            await asyncio.sleep(min(0.25, self._commit_timeout / 4))
+            cutoff = loop.time() - self._commit_timeout
+            for op in (*self._committing, *self._queue):
+                if op.enqueued_at < cutoff:
+                    _fail(op.future, error)
 
     async def _commit_batch(self, batch: list[_Op]) -> None:
         try:

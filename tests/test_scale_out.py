@@ -264,3 +264,35 @@ async def test_the_cli_inspects_and_prunes_the_shared_database(relay_factory, ht
     assert shown.returncode == 0 and json.loads(shown.stdout)["body"] == body.decode(), shown.stdout[:500]
     pruned = cli("prune", "--older-than", "1d")
     assert pruned.returncode == 0 and "deleted 0 deliveries" in pruned.stdout, pruned.stdout + pruned.stderr
+
+
+async def test_postgresql_locked_past_the_deadline_answers_503_then_recovers(relay_factory, http, postgres):
+    """Another session holds the deliveries table longer than commit_timeout_seconds: ingest
+    answers 503 (never 200) about then, /healthz stays honest, and the relay recovers by itself."""
+    database = postgres.new_database()
+    relay = await relay_factory(make_config(database, relay={"commit_timeout_seconds": 1}))
+    assert relay.bound is not None
+    url = relay.bound.ingest_url + "/webhooks/replicate"
+    bodies = [body for _, body in make_bodies("lock", 3)]
+
+    async def post(body: bytes) -> int:
+        async with http.post(url, data=body, headers=signed(body)) as resp:
+            return resp.status
+
+    assert await post(bodies[0]) == 200
+    locker = await asyncpg.connect(database)
+    try:
+        tx = locker.transaction()
+        await tx.start()
+        await locker.execute("LOCK TABLE deliveries IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
+        assert await post(bodies[1]) == 503
+        assert time.monotonic() - started < 4, "the 503 should come after about commit_timeout_seconds"
+        await tx.rollback()
+    finally:
+        await locker.close()
+
+    async def stores_again() -> bool:
+        return await post(bodies[2]) == 200
+
+    await wait_until(stores_again, timeout=15)
