@@ -88,6 +88,7 @@ class RelayConfig:
     retention_days: int = 30
     commit_timeout_seconds: float = 10.0
     outbox_lease_seconds: float | None = None
+    forwarder: str = "process"
     header_timeout_seconds: float = 10.0
     body_timeout_seconds: float = 30.0
 
@@ -227,6 +228,7 @@ RELAY_KEYS: dict[str, Checker] = {
     "database": _database,
     "database_env": _string,
     "outbox_lease_seconds": _positive_number,
+    "forwarder": _one_of("inline", "process"),
     "ingest_listen": _listen,
     "ui_listen": _listen,
     "ui_token_env": _string,

@@ -155,4 +155,5 @@ def attempt_event(a: Attempt) -> dict[str, Any]:
         "status": a.status,
         "kind": a.kind,
         "attempt": a.id,
+        "duration_ms": a.duration_ms,
     }

@@ -20,6 +20,7 @@ from relay.config import Config, ConfigError
 from relay.deadline import DeadlineSite
 from relay.events import EventBus
 from relay.forward import Forwarder
+from relay.forward_process import ForwarderProcess
 from relay.indexer import Indexer
 from relay.ingest import create_ingest_app
 from relay.metrics import Metrics
@@ -65,6 +66,7 @@ class Relay:
         self.store: Store | None = None
         self.session: aiohttp.ClientSession | None = None
         self.forwarder: Forwarder | None = None
+        self.forwarder_process: ForwarderProcess | None = None
         self.indexer: Indexer | None = None
         self.retention: Retention | None = None
         self.bound: Bound | None = None
@@ -79,10 +81,17 @@ class Relay:
             self.events.share_with(self.store.share_event)
             self.store.add_event_listener(self.events.receive)
             self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self.concurrency))
-            self.forwarder = Forwarder(
-                config, self.store, self.session, self.metrics, self.events, self.clock, self.concurrency
-            )
-            self.forwarder.start()
+            if config.relay.forwarder == "process":
+                self.forwarder_process = ForwarderProcess(
+                    config, self.metrics, self.events, self.concurrency, lease_seconds(config)
+                )
+                self.forwarder_process.start()
+                self.store.add_commit_listener(self.forwarder_process.wake)
+            else:
+                self.forwarder = Forwarder(
+                    config, self.store, self.session, self.metrics, self.events, self.clock, self.concurrency
+                )
+                self.forwarder.start()
             self.indexer = Indexer(self.store)
             self.indexer.start()
             self.retention = Retention(self.store, config.relay.retention_days, self.clock)
@@ -124,6 +133,9 @@ class Relay:
         if self.forwarder is not None:
             await self.forwarder.stop()
             self.forwarder = None
+        if self.forwarder_process is not None:
+            await self.forwarder_process.stop()
+            self.forwarder_process = None
         if self.retention is not None:
             await self.retention.stop()
             self.retention = None

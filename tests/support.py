@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -101,7 +102,15 @@ def make_config(
         {"name": f"up{i}", "source": "replicate", "retry_base_seconds": 0.05, "retry_max_seconds": 0.2, **u}
         for i, u in enumerate(upstreams or [])
     ]
-    relay_table = {"database": database, "ingest_listen": "127.0.0.1:0", "ui_listen": "127.0.0.1:0", **(relay or {})}
+    # In-process relays forward inline unless a test module asks for the child process
+    # (RELAY_TEST_FORWARDER, set by test_forward.py's fixture); `relay serve` defaults to it.
+    relay_table = {
+        "database": database,
+        "ingest_listen": "127.0.0.1:0",
+        "ui_listen": "127.0.0.1:0",
+        "forwarder": os.environ.get("RELAY_TEST_FORWARDER", "inline"),
+        **(relay or {}),
+    }
     return parse_config({"relay": relay_table, "sources": [src], "upstreams": ups}, env={})
 
 

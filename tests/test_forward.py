@@ -76,6 +76,14 @@ def one(received: Received, name: str) -> str:
     return found[0]
 
 
+@pytest.fixture(autouse=True, params=["inline", "process"])
+def forwarder_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every forwarding test runs with the forwarder inline and in its own process (the default of
+    ``relay serve``)."""
+    monkeypatch.setenv("RELAY_TEST_FORWARDER", request.param)
+    return str(request.param)
+
+
 def relay_id(received: Received) -> int:
     return int(one(received, "X-Relay-Delivery"))
 

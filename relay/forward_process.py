@@ -1,0 +1,176 @@
+"""The forwarder in a process of its own, so forwarding does not share ingest's interpreter lock.
+
+Profiled at saturation, the relay process used one core (its interpreter
+lock) while the machine sat 39 % idle, and forwarding through aiohttp's client
+cost more per delivery than ingest. Here the same :class:`~relay.forward.Forwarder`
+runs in a child process with its own store connection on the same SQLite file
+(WAL and a busy timeout let the two writers take turns). A pipe joins them:
+
+- parent → child: a byte after each ingest commit ("look for due rows"), and
+  ``stop`` at shutdown (the child finishes its attempts in flight, then exits);
+- child → parent: the live events of its attempts, which the parent publishes
+  to its pages and counts in its metrics.
+
+If the parent dies (even by SIGKILL) the pipe closes and the child stops too;
+anything it was sending stays pending in the database and is sent again
+(at-least-once, as after any crash).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import multiprocessing
+import signal
+from multiprocessing.connection import Connection
+from typing import Any
+
+import aiohttp
+
+from relay.config import Config
+from relay.events import EventBus
+from relay.forward import Forwarder
+from relay.metrics import Metrics
+from relay.store import open_store
+
+log = logging.getLogger(__name__)
+
+STOP = b"stop"
+WAKE = b"w"
+STOP_GRACE_SECONDS = 30.0
+
+
+class ForwarderProcess:
+    """The parent's handle on the child forwarder."""
+
+    def __init__(self, config: Config, metrics: Metrics, events: EventBus, concurrency: int, lease: float) -> None:
+        self._config = config
+        self._metrics = metrics
+        self._events = events
+        self._concurrency = concurrency
+        self._lease = lease
+        self._conn: Connection | None = None
+        self._proc: multiprocessing.process.BaseProcess | None = None
+        self._wake_scheduled = False
+
+    def start(self) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe()
+        level = logging.getLogger().getEffectiveLevel()
+        self._proc = ctx.Process(
+            target=child_main,
+            args=(self._config, child, self._concurrency, self._lease, level),
+            name="relay-forwarder",
+        )
+        self._proc.start()
+        child.close()
+        self._conn = parent
+        asyncio.get_running_loop().add_reader(parent.fileno(), self._on_message)
+
+    def wake(self) -> None:
+        """After a commit: tell the child once per turn of the event loop, however many commits."""
+        if not self._wake_scheduled and self._conn is not None:
+            self._wake_scheduled = True
+            asyncio.get_running_loop().call_soon(self._send_wake)
+
+    def _send_wake(self) -> None:
+        self._wake_scheduled = False
+        if self._conn is not None:
+            try:
+                self._conn.send_bytes(WAKE)
+            except OSError as exc:
+                log.error("cannot wake the forwarder process: %s", exc)
+
+    def _on_message(self) -> None:
+        conn = self._conn
+        assert conn is not None
+        try:
+            while conn.poll():
+                kind, data = json.loads(conn.recv_bytes())
+                self._events.publish(kind, data)
+                if kind == "attempt" and data.get("kind") == "forward":
+                    self._metrics.attempts.labels(data["upstream"], "forward", data["outcome"]).inc()
+                    self._metrics.attempt_latency.labels(data["upstream"]).observe(data["duration_ms"] / 1000)
+        except (EOFError, OSError):
+            asyncio.get_running_loop().remove_reader(conn.fileno())
+            if self._proc is not None and not self._proc.is_alive():
+                log.error("the forwarder process exited (code %s)", self._proc.exitcode)
+
+    async def stop(self) -> None:
+        """Ask the child to finish its attempts in flight and exit; wait for it."""
+        conn, proc = self._conn, self._proc
+        if conn is None or proc is None:
+            return
+        try:
+            conn.send_bytes(STOP)
+        except OSError:
+            pass  # it is gone already
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, proc.join, STOP_GRACE_SECONDS)
+        if proc.is_alive():
+            log.error("the forwarder process did not stop within %g s; killing it", STOP_GRACE_SECONDS)
+            proc.kill()
+            await loop.run_in_executor(None, proc.join)
+        try:
+            loop.remove_reader(conn.fileno())
+        except (OSError, ValueError):
+            pass
+        conn.close()
+        self._conn = self._proc = None
+
+
+def child_main(config: Config, conn: Connection, concurrency: int, lease: float, log_level: int) -> None:
+    """The child's entry point (a spawned process: nothing is inherited but these arguments)."""
+    # The parent decides when to stop (it is the one signals are sent to); a group-wide
+    # Ctrl-C must not cut the child's attempts short.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import uvloop
+
+        uvloop.run(_child(config, conn, concurrency, lease))
+    except ImportError:
+        asyncio.run(_child(config, conn, concurrency, lease))
+
+
+async def _child(config: Config, conn: Connection, concurrency: int, lease: float) -> None:
+    import time
+
+    store = await open_store(config.relay.database, config.relay.commit_timeout_seconds, lease)
+    events = EventBus()
+
+    def to_parent(kind: str, data: dict[str, Any]) -> None:
+        try:
+            conn.send_bytes(json.dumps([kind, data]).encode())
+        except OSError:
+            pass  # the parent is gone; the pipe's EOF stops us
+
+    events.share_with(to_parent)
+    stopping = asyncio.Event()
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency))
+    forwarder = Forwarder(config, store, session, Metrics(), events, time.time, concurrency)
+    loop = asyncio.get_running_loop()
+
+    def on_readable() -> None:
+        try:
+            while conn.poll():
+                if conn.recv_bytes() == STOP:
+                    stopping.set()
+                    return
+            forwarder.wake()
+        except (EOFError, OSError):
+            log.warning("the relay's main process is gone; the forwarder stops")
+            stopping.set()
+
+    loop.add_reader(conn.fileno(), on_readable)
+    forwarder.start()
+    try:
+        await stopping.wait()
+    finally:
+        loop.remove_reader(conn.fileno())
+        await forwarder.stop()
+        await session.close()
+        await store.close()
+        conn.close()
