@@ -106,8 +106,10 @@ def _open_writer(path: str) -> sqlite3.Connection:
 class SqliteStore(SqlReads):
     """SQLite storage for deliveries, the outbox and attempts (the embedded default).
 
-    One relay process per database file: the outbox is claimed in memory, not
-    with leases (see PgStore for several instances on one database).
+    One relay per database file: the outbox is claimed in the memory of the one
+    forwarder (inline or in the relay's forwarder process), not with leases (see
+    PgStore for several relays on one database). The relay and its forwarder
+    process each hold a write connection; WAL and the busy timeout let them take turns.
     """
 
     idle_poll_seconds: float | None = None

@@ -766,3 +766,44 @@ async def test_final_answers_are_not_sent_again_under_load(relay_factory, upstre
     for did in all_ids[::50]:
         fw = await forwarding(relay, did)
         assert fw.attempts_made == 1 and [a.status for a in fw.attempts] == [400]
+
+
+async def test_the_main_process_sees_each_attempt_live_and_in_its_metrics(
+    relay_factory, upstream_factory, http, database
+):
+    """Wherever the forwarder runs, a page's event stream gets the attempt and /metrics counts it."""
+    up = await upstream_factory()
+    relay = await relay_factory(make_config(database, upstreams=[{"url": up.url}]))
+    assert relay.bound is not None
+    events: list[tuple[str, dict[str, Any]]] = []
+    connected = asyncio.Event()
+
+    async def listen() -> None:
+        async with http.get(relay.bound.admin_url + "/api/events") as resp:
+            kind = ""
+            async for line in resp.content:
+                if line.startswith(b": connected"):
+                    connected.set()
+                elif line.startswith(b"event:"):
+                    kind = line[6:].strip().decode()
+                elif line.startswith(b"data:"):
+                    events.append((kind, json.loads(line[5:])))
+
+    listening = asyncio.create_task(listen())
+    try:
+        await asyncio.wait_for(connected.wait(), 10)
+        body = lifecycle_bodies("live")[0]
+        delivery_id = await ingest(http, relay, body, signed(body))
+
+        def attempt_seen() -> bool:
+            return any(
+                k == "attempt" and d["delivery"] == delivery_id and d["outcome"] == "delivered" for k, d in events
+            )
+
+        await wait_until(attempt_seen, timeout=15)
+    finally:
+        listening.cancel()
+    async with http.get(relay.bound.admin_url + "/metrics") as resp:
+        text = await resp.text()
+    assert 'relay_attempts_total{kind="forward",outcome="delivered",upstream="up0"} 1.0' in text, text[:2000]
+    assert 'relay_attempt_seconds_count{upstream="up0"} 1.0' in text
