@@ -14,7 +14,6 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -26,6 +25,7 @@ from rich.text import Text
 from relay.config import Config, ConfigError, default_config, load_config
 from relay.lifecycle import encode, new_prediction_id, prediction_lifecycle, signed_headers
 from relay.replicate_api import DEFAULT_API_BASE, ReplicateAPIError, fetch_signing_secret, set_source_secret
+from relay.runtime import LOG_FORMAT, event_loop_factory
 from relay.verify import SecretError, decode_secret
 
 console = Console()
@@ -56,7 +56,7 @@ def serve(config_path: str | None, log_level: str) -> None:
     when set, no upstream.
     """
     config = _load(config_path)
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT)
     from relay.service import serve as run
 
     try:
@@ -64,15 +64,6 @@ def serve(config_path: str | None, log_level: str) -> None:
             runner.run(run(config))
     except OSError as exc:
         raise click.ClickException(f"cannot start: {exc}") from None
-
-
-def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop where installed (Linux, macOS): the benchmark showed it lifts ingest throughput."""
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
 
 
 @main.command("send-test")

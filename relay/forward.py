@@ -166,8 +166,7 @@ class Forwarder:
         )
         note = _note(outcome, number, upstream, result.status, result.error)
         await self._store.finish_attempt(item.outbox_id, attempt, STATE_FOR_OUTCOME[outcome], next_at, note)
-        self._metrics.attempts.labels(upstream.name, "forward", outcome).inc()
-        self._metrics.attempt_latency.labels(upstream.name).observe(result.duration_ms / 1000)
+        self._metrics.forward_attempt(upstream.name, outcome, result.duration_ms / 1000)
         self._events.publish("attempt", attempt_event(attempt))
         level = logging.INFO if outcome == DELIVERED else logging.WARNING
         log.log(

@@ -23,6 +23,7 @@ import json
 import logging
 import multiprocessing
 import signal
+import time
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -32,6 +33,7 @@ from relay.config import Config
 from relay.events import EventBus
 from relay.forward import Forwarder
 from relay.metrics import Metrics
+from relay.runtime import LOG_FORMAT, event_loop_factory
 from relay.store import open_store
 
 log = logging.getLogger(__name__)
@@ -90,8 +92,7 @@ class ForwarderProcess:
                 kind, data = json.loads(conn.recv_bytes())
                 self._events.publish(kind, data)
                 if kind == "attempt" and data.get("kind") == "forward":
-                    self._metrics.attempts.labels(data["upstream"], "forward", data["outcome"]).inc()
-                    self._metrics.attempt_latency.labels(data["upstream"]).observe(data["duration_ms"] / 1000)
+                    self._metrics.forward_attempt(data["upstream"], data["outcome"], data["duration_ms"] / 1000)
         except (EOFError, OSError):
             asyncio.get_running_loop().remove_reader(conn.fileno())
             if self._proc is not None and not self._proc.is_alive():
@@ -126,18 +127,12 @@ def child_main(config: Config, conn: Connection, concurrency: int, lease: float,
     # Ctrl-C must not cut the child's attempts short.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        import uvloop
-
-        uvloop.run(_child(config, conn, concurrency, lease))
-    except ImportError:
-        asyncio.run(_child(config, conn, concurrency, lease))
+    logging.basicConfig(level=log_level, format=LOG_FORMAT)
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        runner.run(_child(config, conn, concurrency, lease))
 
 
 async def _child(config: Config, conn: Connection, concurrency: int, lease: float) -> None:
-    import time
-
     store = await open_store(config.relay.database, config.relay.commit_timeout_seconds, lease)
     events = EventBus()
 

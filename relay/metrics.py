@@ -66,5 +66,10 @@ class Metrics:
         children[0].inc()
         children[1].observe(seconds)
 
+    def forward_attempt(self, upstream: str, outcome: str, seconds: float) -> None:
+        """Count a forwarding attempt, whether the forwarder runs inline or in its own process."""
+        self.attempts.labels(upstream, "forward", outcome).inc()
+        self.attempt_latency.labels(upstream).observe(seconds)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import json
 import logging
 import os
@@ -74,6 +75,7 @@ UNAVAILABLE = (
     asyncpg.DiskFullError,
     asyncpg.LockNotAvailableError,
 )
+DATABASE_ERRORS = (*UNAVAILABLE, asyncpg.PostgresError)  # anything the database said or did not
 
 _INSERT_DELIVERY = """
 INSERT INTO deliveries (id, received_at, source, method, path, query, headers, body, size,
@@ -128,11 +130,13 @@ SELECT pg_advisory_xact_lock(h) FROM (
 """
 
 
+@functools.lru_cache(maxsize=256)
 def numbered(sql: str) -> str:
     """Turn the shared queries' ``?`` placeholders into PostgreSQL's ``$1, $2...``.
 
     Hand-written because asyncpg takes only numbered placeholders; safe here
-    because no shared query has a ``?`` inside a literal.
+    because no shared query has a ``?`` inside a literal. Cached: the same few
+    statements are numbered on every write and read.
     """
     parts = sql.split("?")
     out = [parts[0]]
@@ -228,7 +232,7 @@ class PgStore(SqlReads):
             write_pool = await asyncpg.create_pool(
                 dsn, min_size=1, max_size=2, command_timeout=commit_timeout * 3, server_settings=settings
             )
-        except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
+        except DATABASE_ERRORS as exc:
             raise StoreUnavailable(f"cannot connect to PostgreSQL: {type(exc).__name__}: {exc}") from exc
         try:
             async with pool.acquire() as conn, conn.transaction():
@@ -310,7 +314,7 @@ class PgStore(SqlReads):
                 async with self._pool.acquire() as conn, conn.transaction():
                     await conn.execute("SET LOCAL synchronous_commit = off")
                     await conn.execute("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p", CHANNEL, payloads)
-            except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
+            except DATABASE_ERRORS as exc:
                 log.warning("could not share %d live events with other relays: %s", len(payloads), exc)
             except Exception:
                 log.exception("sharing %d live events with other relays failed unexpectedly", len(payloads))
@@ -328,7 +332,7 @@ class PgStore(SqlReads):
                 await lost.wait()
                 self._listening.clear()
                 log.warning("lost the LISTEN connection to PostgreSQL; reconnecting")
-            except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
+            except DATABASE_ERRORS as exc:
                 log.warning("cannot LISTEN for other relays' events: %s", exc)
             except Exception:
                 log.exception("LISTEN for other relays' events failed unexpectedly; retrying")
@@ -517,7 +521,7 @@ class PgStore(SqlReads):
         if total and compact:
             try:
                 await self._pool.execute("VACUUM (ANALYZE) deliveries, outbox, attempts")
-            except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
+            except DATABASE_ERRORS as exc:
                 raise _unavailable(exc) from exc
         return total
 
@@ -570,7 +574,7 @@ class PgStore(SqlReads):
                     )
                 ]
                 rows = await conn.fetch(_CLAIMED, claimed) if claimed else []
-        except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
+        except DATABASE_ERRORS as exc:
             raise _unavailable(exc) from exc
         return [outbox_item_from_row(r) for r in rows]
 
@@ -595,7 +599,7 @@ class PgStore(SqlReads):
     async def _fetch(self, sql: str, params: Sequence[Any]) -> Sequence[Any]:
         try:
             return await self._pool.fetch(sql, *(_clean(v) for v in params))
-        except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
+        except DATABASE_ERRORS as exc:
             raise _unavailable(exc) from exc
 
 

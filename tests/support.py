@@ -282,6 +282,15 @@ async def raw_request(base_url: str, raw_head: bytes, body: bytes = b"") -> tupl
     return int(head.split(b" ", 2)[1]), payload
 
 
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response with a Content-Length, read off a connection that may stay open."""
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+    lines = head.split("\r\n")
+    headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return int(lines[0].split(" ", 2)[1]), headers, body
+
+
 def free_port() -> int:
     import socket
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import re
 import sqlite3
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from yarl import URL
 from relay.service import Relay
 from relay.verify import sign
 
-from support import KEY, OTHER_SECRET, SECRET, lifecycle_bodies, make_config, raw_request, signed
+from support import KEY, OTHER_SECRET, SECRET, lifecycle_bodies, make_config, raw_request, read_response, signed
 
 VECTOR_BODY = b'{"test": 2432232314}'
 VECTOR_HEADERS = {
@@ -226,9 +225,8 @@ async def test_an_absurd_declared_length_is_recorded_and_sinks_no_other_delivery
         reader, writer = await asyncio.open_connection(url.host, url.port)
         try:
             writer.write(head)
-            answer_head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-            length = int(re.search(rb"(?i)content-length: (\d+)", answer_head).group(1))  # type: ignore[union-attr]
-            return int(answer_head.split(b" ", 2)[1]), await asyncio.wait_for(reader.readexactly(length), 10)
+            status, _, answer = await asyncio.wait_for(read_response(reader), 10)
+            return status, answer
         finally:
             writer.close()
 

@@ -26,7 +26,7 @@ from relay.config import Config
 from relay.deadline import check_aiohttp_internals
 from relay.service import Relay
 
-from support import INGEST_PATH, ingest, lifecycle_bodies, make_config, signed
+from support import INGEST_PATH, ingest, lifecycle_bodies, make_config, read_response, signed
 
 HEADER_TIMEOUT = 1.0
 BODY_TIMEOUT = 2.0
@@ -42,6 +42,16 @@ def slow_config(tmp_path: Path, header: float = HEADER_TIMEOUT, body: float = BO
     return make_config(
         str(tmp_path / "relay.db"), relay={"header_timeout_seconds": header, "body_timeout_seconds": body}
     )
+
+
+async def hang_up(sender: asyncio.Task[None], writer: asyncio.StreamWriter) -> None:
+    """Stop a trickling sender and close its connection, whatever state either is in."""
+    sender.cancel()
+    with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+        await sender
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
 
 
 @dataclass
@@ -86,22 +96,8 @@ async def trickle(
     except TimeoutError:
         answer, closed_after = b"", None
     finally:
-        sender.cancel()
-        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
-            await sender
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
+        await hang_up(sender, writer)
     return Trickled(answer, closed_after)
-
-
-async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP/1.1 response with a Content-Length, read off a connection that may stay open."""
-    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
-    lines = head.split("\r\n")
-    headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
-    body = await reader.readexactly(int(headers.get("content-length", "0")))
-    return int(lines[0].split(" ", 2)[1]), headers, body
 
 
 def post_head(body: bytes, headers: dict[str, str] | None = None, path: str = INGEST_PATH) -> bytes:
@@ -263,12 +259,7 @@ async def test_a_client_trickling_its_body_gets_408_and_nothing_is_stored(relay_
         status, headers, answer = await asyncio.wait_for(read_response(reader), BODY_TIMEOUT + MARGIN)
         took = time.monotonic() - began
     finally:
-        sender.cancel()
-        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
-            await sender
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
+        await hang_up(sender, writer)
 
     assert status == 408, answer
     assert json.loads(answer) == {"error": "request body not received in time"}
