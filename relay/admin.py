@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import aiohttp
 from aiohttp import web
 
 from relay import api, ui
@@ -14,8 +13,9 @@ from relay.config import Config
 from relay.deadline import body_deadline
 from relay.events import EventBus
 from relay.filters import FilterError
+from relay.http_client import HttpClient
 from relay.ingest import healthz
-from relay.keys import BULK, CLOCK, CONFIG, EVENTS, METRICS, SESSION, STORE, Clock
+from relay.keys import BULK, CLOCK, CONFIG, EVENTS, HTTP_CLIENT, METRICS, STORE, Clock
 from relay.metrics import Metrics
 from relay.replay import BulkReplays, ReplayError
 from relay.store import NotFound, Store, StoreUnavailable
@@ -52,13 +52,13 @@ async def errors(
 
 async def bulk_replays(app: web.Application) -> AsyncIterator[None]:
     """Bulk replay jobs live as long as the admin app; cancelled at shutdown."""
-    app[BULK] = BulkReplays(app[STORE], app[SESSION], app[CONFIG], app[CLOCK], app[EVENTS])
+    app[BULK] = BulkReplays(app[STORE], app[HTTP_CLIENT], app[CONFIG], app[CLOCK], app[EVENTS])
     yield
     await app[BULK].close()
 
 
 def create_admin_app(
-    config: Config, store: Store, metrics: Metrics, events: EventBus, clock: Clock, session: aiohttp.ClientSession
+    config: Config, store: Store, metrics: Metrics, events: EventBus, clock: Clock, client: HttpClient
 ) -> web.Application:
     """The admin listener's app; every part is passed in, nothing is global."""
     # body_deadline last: a slow body is waited for only after the security checks pass.
@@ -68,7 +68,7 @@ def create_admin_app(
     app[METRICS] = metrics
     app[EVENTS] = events
     app[CLOCK] = clock
-    app[SESSION] = session
+    app[HTTP_CLIENT] = client
     app.on_response_prepare.append(set_security_headers)
     app.cleanup_ctx.append(bulk_replays)
     app.router.add_get("/healthz", healthz)

@@ -16,7 +16,7 @@ from relay.compare import Comparison, compare_attempts, compare_deliveries
 from relay.events import Event
 from relay.export import original_curl
 from relay.filters import STATES, FilterError, parse_filter
-from relay.keys import BULK, CLOCK, CONFIG, EVENTS, METRICS, SESSION, STORE
+from relay.keys import BULK, CLOCK, CONFIG, EVENTS, HTTP_CLIENT, METRICS, STORE
 from relay.model import Attempt
 from relay.render import attempt_event, attempt_json, delivery_json, summary_json, timeline_json
 from relay.replay import ReplayError, ReplayRequest, bulk_filter, check_target, replay
@@ -152,7 +152,7 @@ def replay_request(data: dict[str, Any], kind: str = "replay") -> ReplayRequest:
 async def replay_one(request: web.Request) -> web.Response:
     req = replay_request(await read_json(request))
     app = request.app
-    attempt = await replay(app[STORE], app[SESSION], app[CONFIG], app[CLOCK], delivery_id(request), req)
+    attempt = await replay(app[STORE], app[HTTP_CLIENT], app[CONFIG], app[CLOCK], delivery_id(request), req)
     app[EVENTS].publish("attempt", attempt_event(attempt))
     return web.json_response({"attempt": attempt_json(attempt)})
 

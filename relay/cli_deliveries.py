@@ -16,7 +16,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-import aiohttp
 import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -29,6 +28,7 @@ from relay.compare import compare_attempts, compare_deliveries
 from relay.config import Config
 from relay.export import original_curl
 from relay.filters import FilterError, parse_filter
+from relay.http_client import HttpClient
 from relay.model import display_text, rfc3339
 from relay.render import delivery_json, pretty_body, summary_json
 from relay.replay import BulkProgress, ReplayError, ReplayRequest, bulk_filter, replay, replay_many
@@ -359,9 +359,10 @@ def replay_cmd(
     params = bulk_filter(params, req)
 
     async def work(config: Config, store: Store) -> Any:
-        async with aiohttp.ClientSession() as session:
+        client = HttpClient()
+        try:
             if delivery_id is not None:
-                return await replay(store, session, config, time.time, delivery_id, req)
+                return await replay(store, client, config, time.time, delivery_id, req)
             ids = await store.delivery_ids(parse_filter(params, time.time()), 100_000)
             if not ids:
                 return BulkProgress(job=0, total=0, finished=True)
@@ -382,8 +383,10 @@ def replay_cmd(
                     progress_bar.update(task, completed=p.done, ok=p.ok, failed=p.failed)
 
                 return await replay_many(
-                    store, session, config, time.time, ids, req, BulkProgress(job=0, total=len(ids)), update
+                    store, client, config, time.time, ids, req, BulkProgress(job=0, total=len(ids)), update
                 )
+        finally:
+            await client.close()
 
     result = run(config_path, database, work)
     if isinstance(result, BulkProgress):

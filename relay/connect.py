@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 
+from relay.http_client import HttpClient
 from relay.outgoing import build_request
 from relay.sender import SendResult, send
 
@@ -56,7 +57,7 @@ class Connector:
         self.last_id = 0
         headers = {"Authorization": f"Bearer {options.token}"} if options.token else {}
         self._api = aiohttp.ClientSession(base_url=None, headers=headers, timeout=aiohttp.ClientTimeout(total=60))
-        self._local = aiohttp.ClientSession()
+        self._local = HttpClient()
 
     async def close(self) -> None:
         await self._api.close()

@@ -13,10 +13,9 @@ import logging
 import random
 from collections.abc import Callable
 
-import aiohttp
-
 from relay.config import Config, UpstreamConfig
 from relay.events import EventBus
+from relay.http_client import HttpClient
 from relay.metrics import Metrics
 from relay.model import Clock, OutboxItem
 from relay.outgoing import build_request
@@ -38,7 +37,7 @@ class Forwarder:
         self,
         config: Config,
         store: Store,
-        session: aiohttp.ClientSession,
+        client: HttpClient,
         metrics: Metrics,
         events: EventBus,
         clock: Clock,
@@ -47,7 +46,7 @@ class Forwarder:
     ) -> None:
         self._config = config
         self._store = store
-        self._session = session
+        self._client = client
         self._metrics = metrics
         self._events = events
         self._clock = clock
@@ -156,7 +155,7 @@ class Forwarder:
             sign_key=self._sign_key(upstream),
             now=int(now),
         )
-        result = await send(self._session, request, upstream.timeout_seconds, wall_clock=now)
+        result = await send(self._client, request, upstream.timeout_seconds, wall_clock=now)
         number = item.attempts_made + 1
         outcome, next_at = decide(
             result.status, result.header("Retry-After"), number, upstream, self._clock(), self._rand

@@ -13,7 +13,9 @@ runs in a child process with its own store connection on the same SQLite file
 
 If the parent dies (even by SIGKILL) the pipe closes and the child stops too;
 anything it was sending stays pending in the database and is sent again
-(at-least-once, as after any crash).
+(at-least-once, as after any crash). If the child dies (it could not open the
+database at start, or a bug), the parent starts a new one, after 1 s and then
+up to a minute between tries while it keeps dying.
 """
 
 from __future__ import annotations
@@ -27,20 +29,23 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
-import aiohttp
-
 from relay.config import Config
 from relay.events import EventBus
 from relay.forward import Forwarder
+from relay.http_client import HttpClient
 from relay.metrics import Metrics
 from relay.runtime import LOG_FORMAT, event_loop_factory
-from relay.store import open_store
+from relay.store import StoreUnavailable, open_store
+from relay.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
 STOP = b"stop"
 WAKE = b"w"
 STOP_GRACE_SECONDS = 30.0
+RESTART_SECONDS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)  # waits before restarting a dead child, in turn
+HEALTHY_SECONDS = 60.0  # a child that lived this long starts the waits over
+EXIT_NO_DATABASE = 3
 
 
 class ForwarderProcess:
@@ -55,8 +60,17 @@ class ForwarderProcess:
         self._conn: Connection | None = None
         self._proc: multiprocessing.process.BaseProcess | None = None
         self._wake_scheduled = False
+        self._stopping = False
+        self._restarts = 0
+        self._started_at = 0.0
+        self._restart_handle: asyncio.TimerHandle | None = None
+        self._reaper: asyncio.Task[None] | None = None
 
     def start(self) -> None:
+        self._restart_handle = None
+        if self._stopping:
+            return
+        self._started_at = asyncio.get_running_loop().time()
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe()
         level = logging.getLogger().getEffectiveLevel()
@@ -94,12 +108,46 @@ class ForwarderProcess:
                 if kind == "attempt" and data.get("kind") == "forward":
                     self._metrics.forward_attempt(data["upstream"], data["outcome"], data["duration_ms"] / 1000)
         except (EOFError, OSError):
-            asyncio.get_running_loop().remove_reader(conn.fileno())
-            if self._proc is not None and not self._proc.is_alive():
-                log.error("the forwarder process exited (code %s)", self._proc.exitcode)
+            self._child_gone()
+
+    def _child_gone(self) -> None:
+        """The pipe closed: the child exited. Unless we are stopping, start another."""
+        loop = asyncio.get_running_loop()
+        conn, proc = self._conn, self._proc
+        assert conn is not None and proc is not None
+        loop.remove_reader(conn.fileno())
+        conn.close()
+        self._conn = None
+        if self._stopping:
+            return
+        self._reaper = loop.create_task(self._restart_later(proc), name="relay-forwarder-restart")
+
+    async def _restart_later(self, proc: multiprocessing.process.BaseProcess) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, proc.join, STOP_GRACE_SECONDS)  # it closed its end on the way out
+        if proc.is_alive():
+            proc.kill()
+            await loop.run_in_executor(None, proc.join)
+        if self._stopping:
+            return
+        if loop.time() - self._started_at >= HEALTHY_SECONDS:
+            self._restarts = 0
+        delay = RESTART_SECONDS[min(self._restarts, len(RESTART_SECONDS) - 1)]
+        self._restarts += 1
+        log.error(
+            "the forwarder process exited (code %s); starting a new one in %g s (pending deliveries wait meanwhile)",
+            proc.exitcode,
+            delay,
+        )
+        self._restart_handle = loop.call_later(delay, self.start)
+        self._reaper = None
 
     async def stop(self) -> None:
         """Ask the child to finish its attempts in flight and exit; wait for it."""
+        self._stopping = True
+        if self._restart_handle is not None:
+            self._restart_handle.cancel()
+        await cancel_and_wait(self._reaper)
         conn, proc = self._conn, self._proc
         if conn is None or proc is None:
             return
@@ -129,7 +177,12 @@ def child_main(config: Config, conn: Connection, concurrency: int, lease: float,
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format=LOG_FORMAT)
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-        runner.run(_child(config, conn, concurrency, lease))
+        try:
+            runner.run(_child(config, conn, concurrency, lease))
+        except StoreUnavailable as exc:
+            # Expected while the database is away: one line, and the parent tries again later.
+            log.error("the forwarder process cannot open the database: %s", exc)
+            raise SystemExit(EXIT_NO_DATABASE) from None
 
 
 async def _child(config: Config, conn: Connection, concurrency: int, lease: float) -> None:
@@ -144,8 +197,8 @@ async def _child(config: Config, conn: Connection, concurrency: int, lease: floa
 
     events.share_with(to_parent)
     stopping = asyncio.Event()
-    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency))
-    forwarder = Forwarder(config, store, session, Metrics(), events, time.time, concurrency)
+    client = HttpClient()
+    forwarder = Forwarder(config, store, client, Metrics(), events, time.time, concurrency)
     loop = asyncio.get_running_loop()
 
     def on_readable() -> None:
@@ -166,6 +219,6 @@ async def _child(config: Config, conn: Connection, concurrency: int, lease: floa
     finally:
         loop.remove_reader(conn.fileno())
         await forwarder.stop()
-        await session.close()
+        await client.close()
         await store.close()
         conn.close()

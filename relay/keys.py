@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import aiohttp
 from aiohttp import web
 
 from relay.config import Config
 from relay.events import EventBus
+from relay.http_client import HttpClient
 from relay.metrics import Metrics
 from relay.model import Clock
 from relay.replay import BulkReplays
@@ -17,7 +17,7 @@ STORE = web.AppKey("store", Store)
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 METRICS = web.AppKey("metrics", Metrics)
 EVENTS = web.AppKey("events", EventBus)
-SESSION = web.AppKey("session", aiohttp.ClientSession)
+HTTP_CLIENT = web.AppKey("http_client", HttpClient)
 BULK = web.AppKey("bulk_replays", BulkReplays)
 
-__all__ = ["BULK", "CLOCK", "CONFIG", "EVENTS", "METRICS", "SESSION", "STORE", "Clock"]
+__all__ = ["BULK", "CLOCK", "CONFIG", "EVENTS", "HTTP_CLIENT", "METRICS", "STORE", "Clock"]

@@ -14,10 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import aiohttp
-
 from relay.config import Config, UpstreamConfig
 from relay.events import EventBus
+from relay.http_client import HttpClient
 from relay.model import Attempt, Clock, Delivery
 from relay.outgoing import build_request
 from relay.policy import DELIVERED, FAILED
@@ -89,7 +88,7 @@ def _target(config: Config, delivery: Delivery, req: ReplayRequest) -> tuple[str
 
 async def replay(
     store: Store,
-    session: aiohttp.ClientSession,
+    client: HttpClient,
     config: Config,
     clock: Clock,
     delivery_id: int,
@@ -117,7 +116,7 @@ async def replay(
         now=int(now),
         webhook_id=req.webhook_id,
     )
-    result = await send(session, request, timeout, wall_clock=now)
+    result = await send(client, request, timeout, wall_clock=now)
     if result.status is None:
         outcome = "error"
     else:
@@ -164,7 +163,7 @@ class BulkProgress:
 
 async def replay_many(
     store: Store,
-    session: aiohttp.ClientSession,
+    client: HttpClient,
     config: Config,
     clock: Clock,
     ids: list[int],
@@ -180,7 +179,7 @@ async def replay_many(
     async def one(delivery_id: int) -> None:
         async with semaphore:
             try:
-                attempt = await replay(store, session, config, clock, delivery_id, req)
+                attempt = await replay(store, client, config, clock, delivery_id, req)
                 on_attempt(attempt)
                 ok = attempt.outcome == DELIVERED
             except Exception as exc:  # one bad delivery must not stop the batch; it is counted and logged
@@ -204,10 +203,8 @@ class BulkReplays:
     recorded); rerun the same filter to continue.
     """
 
-    def __init__(
-        self, store: Store, session: aiohttp.ClientSession, config: Config, clock: Clock, events: EventBus
-    ) -> None:
-        self._store, self._session, self._config, self._clock, self._events = store, session, config, clock, events
+    def __init__(self, store: Store, client: HttpClient, config: Config, clock: Clock, events: EventBus) -> None:
+        self._store, self._client, self._config, self._clock, self._events = store, client, config, clock, events
         self._jobs: dict[int, BulkProgress] = {}
         self._tasks: dict[int, asyncio.Task[BulkProgress]] = {}
 
@@ -218,7 +215,7 @@ class BulkReplays:
         self._tasks[job] = asyncio.create_task(
             replay_many(
                 self._store,
-                self._session,
+                self._client,
                 self._config,
                 self._clock,
                 ids,

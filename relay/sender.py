@@ -1,4 +1,4 @@
-"""Sending one OutgoingRequest with aiohttp and recording exactly what came back.
+"""Sending one OutgoingRequest and recording exactly what came back.
 
 The response body is read up to a cap and the connection dropped after it,
 so an upstream answering 50 MB costs 64 KiB of memory, not 50 MB.
@@ -10,9 +10,7 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-import aiohttp
-from yarl import URL
-
+from relay.http_client import HttpClient, HttpError
 from relay.model import Attempt, HeaderPairs
 from relay.outgoing import OutgoingRequest
 
@@ -63,7 +61,7 @@ class SendResult:
 
 
 async def send(
-    session: aiohttp.ClientSession,
+    client: HttpClient,
     request: OutgoingRequest,
     timeout_seconds: float,
     wall_clock: float | None = None,
@@ -73,37 +71,21 @@ async def send(
     started_at = time.time() if wall_clock is None else wall_clock
     loop = asyncio.get_running_loop()
     t0 = loop.time()
-    timeout = aiohttp.ClientTimeout(total=timeout_seconds)
     try:
-        async with session.request(
-            request.method,
-            URL(request.url, encoded=True),
-            headers=list(request.headers),
-            data=request.body,
-            timeout=timeout,
-            allow_redirects=False,
-            # Send only the stored headers: no client defaults mixed into the user's request.
-            skip_auto_headers=("Content-Type", "User-Agent", "Accept", "Accept-Encoding"),
-        ) as resp:
-            chunks: list[bytes] = []
-            size = 0
-            truncated = False
-            while size <= body_cap:
-                chunk = await resp.content.read(min(65536, body_cap + 1 - size))
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                size += len(chunk)
-            body = b"".join(chunks)
-            if len(body) > body_cap:
-                body, truncated = body[:body_cap], True
-                resp.close()  # drop the connection rather than read the rest
-            headers = tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in resp.raw_headers)
-            return SendResult(started_at, (loop.time() - t0) * 1000, resp.status, headers, body, truncated, None)
+        async with asyncio.timeout(timeout_seconds):
+            # Only the stored headers are sent, plus Host and Content-Length for the new connection.
+            response = await client.request(
+                request.method, request.url, request.headers, request.body, body_cap=body_cap
+            )
     except TimeoutError:
         error = f"timed out after {timeout_seconds:g} s"
-    except aiohttp.ClientError as exc:
-        error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    except OSError as exc:
+    except HttpError as exc:
+        error = str(exc)
+    except (OSError, ValueError) as exc:  # connect, DNS, TLS; a URL or header the client refuses
         error = f"{type(exc).__name__}: {exc}"
+    else:
+        duration = (loop.time() - t0) * 1000
+        return SendResult(
+            started_at, duration, response.status, response.headers, response.body, response.truncated, None
+        )
     return SendResult(started_at, (loop.time() - t0) * 1000, None, (), b"", False, error)

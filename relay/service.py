@@ -1,4 +1,4 @@
-"""Assembling a running relay: storage, client session, forwarder and both listeners.
+"""Assembling a running relay: storage, HTTP client, forwarder and both listeners.
 
 ``relay serve`` and the end-to-end tests use the same :class:`Relay`, so the
 tests exercise the real start-up and shutdown order on real sockets.
@@ -12,7 +12,6 @@ import signal
 import time
 from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
 
 from relay.admin import create_admin_app
@@ -21,6 +20,7 @@ from relay.deadline import DeadlineSite
 from relay.events import EventBus
 from relay.forward import Forwarder
 from relay.forward_process import ForwarderProcess
+from relay.http_client import HttpClient
 from relay.indexer import Indexer
 from relay.ingest import create_ingest_app
 from relay.metrics import Metrics
@@ -64,7 +64,7 @@ class Relay:
         self.events = EventBus()
         self._runners: list[web.AppRunner] = []
         self.store: Store | None = None
-        self.session: aiohttp.ClientSession | None = None
+        self.client: HttpClient | None = None
         self.forwarder: Forwarder | None = None
         self.forwarder_process: ForwarderProcess | None = None
         self.indexer: Indexer | None = None
@@ -80,7 +80,7 @@ class Relay:
         try:
             self.events.share_with(self.store.share_event)
             self.store.add_event_listener(self.events.receive)
-            self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self.concurrency))
+            self.client = HttpClient()
             if config.relay.forwarder == "process":
                 self.forwarder_process = ForwarderProcess(
                     config, self.metrics, self.events, self.concurrency, lease_seconds(config)
@@ -89,7 +89,7 @@ class Relay:
                 self.store.add_commit_listener(self.forwarder_process.wake)
             else:
                 self.forwarder = Forwarder(
-                    config, self.store, self.session, self.metrics, self.events, self.clock, self.concurrency
+                    config, self.store, self.client, self.metrics, self.events, self.clock, self.concurrency
                 )
                 self.forwarder.start()
             self.indexer = Indexer(self.store)
@@ -97,7 +97,7 @@ class Relay:
             self.retention = Retention(self.store, config.relay.retention_days, self.clock)
             self.retention.start()
             ingest = create_ingest_app(config, self.store, self.metrics, self.events, self.clock)
-            admin = create_admin_app(config, self.store, self.metrics, self.events, self.clock, self.session)
+            admin = create_admin_app(config, self.store, self.metrics, self.events, self.clock, self.client)
             ingest_url = await self._listen(ingest, config.relay.ingest_listen.host, config.relay.ingest_listen.port)
             admin_url = await self._listen(admin, config.relay.ui_listen.host, config.relay.ui_listen.port)
         except BaseException:
@@ -142,9 +142,9 @@ class Relay:
         if self.indexer is not None:
             await self.indexer.stop()
             self.indexer = None
-        if self.session is not None:
-            await self.session.close()
-            self.session = None
+        if self.client is not None:
+            await self.client.close()
+            self.client = None
         if self.store is not None:
             await self.store.close()
             self.store = None

@@ -43,8 +43,18 @@ _INSERT_DELIVERY = """
 INSERT INTO deliveries (id, received_at, source, method, path, query, headers, body, size,
     body_sha256, body_format, peer, verdict, verdict_detail, webhook_id, prediction_id, status,
     model, version, kind, duplicate_of)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
-    (SELECT MIN(id) FROM deliveries WHERE webhook_id = ? AND body_sha256 = ?))
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)
+"""
+# After each batch of inserts (writer.execute_rows makes them one multi-row INSERT, whose
+# subqueries would not see the rows of the same statement): a delivery whose webhook-id and
+# body came before, in this batch or earlier, is a duplicate of the first of them.
+_MARK_DUPLICATES = """
+UPDATE deliveries SET duplicate_of = (
+    SELECT MIN(d2.id) FROM deliveries d2
+    WHERE d2.webhook_id = deliveries.webhook_id AND d2.body_sha256 = deliveries.body_sha256 AND d2.id < deliveries.id)
+WHERE id BETWEEN ? AND ? AND webhook_id IS NOT NULL AND EXISTS (
+    SELECT 1 FROM deliveries d2
+    WHERE d2.webhook_id = deliveries.webhook_id AND d2.body_sha256 = deliveries.body_sha256 AND d2.id < deliveries.id)
 """
 # "AND state = 'pending'": a settled row is never moved back by a late or repeated result.
 _UPDATE_OUTBOX = """
@@ -65,6 +75,10 @@ _NEXT_DUE = f"""
 SELECT MIN(o.next_attempt_at) FROM outbox o INDEXED BY outbox_due
 WHERE o.state = 'pending' AND o.next_attempt_at > ? AND o.upstream IN ({{upstreams}}) AND {ORDER_CLEAR}
 """
+
+
+def _mark_duplicates(conn: sqlite3.Connection, first_id: int, last_id: int) -> None:
+    conn.execute(_MARK_DUPLICATES, (first_id, last_id))
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
@@ -97,6 +111,7 @@ def _open_writer(path: str) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_SECONDS, check_same_thread=False)
     try:
         _migrate(conn)
+        conn.execute("PRAGMA busy_timeout = 0")  # the writer waits for the lock itself (writer._begin)
     except BaseException:
         conn.close()
         raise
@@ -132,7 +147,7 @@ class SqliteStore(SqlReads):
         self._wconn = wconn
         self._executor = executor
         self._reader = reader
-        self.writer = Writer(wconn, executor, commit_timeout)
+        self.writer = Writer(wconn, executor, commit_timeout, BUSY_TIMEOUT_SECONDS, _mark_duplicates)
 
     @classmethod
     async def open(cls, path: str | Path, commit_timeout: float = 10.0) -> SqliteStore:
@@ -177,10 +192,7 @@ class SqliteStore(SqlReads):
         c = capture
 
         def rows(delivery_id: int) -> list[tuple[str, Sequence[Any]]]:
-            # The last two feed the duplicate_of subquery.
-            out: list[tuple[str, Sequence[Any]]] = [
-                (_INSERT_DELIVERY, (*delivery_params(c, delivery_id), c.webhook_id, c.body_sha256))
-            ]
+            out: list[tuple[str, Sequence[Any]]] = [(_INSERT_DELIVERY, delivery_params(c, delivery_id))]
             for f in forwards:
                 due = c.received_at if f.state == "pending" else None
                 out.append((INSERT_OUTBOX, (delivery_id, f.upstream, f.state, f.order_key, due, c.received_at, f.note)))

@@ -124,8 +124,8 @@ async def test_public_address_with_token_starts_and_demands_the_token(
 
 def route_table(relay: Relay) -> list[tuple[str, str]]:
     """(method, path template) of every admin route, from an app built by the relay's own factory."""
-    assert relay.store is not None and relay.session is not None
-    app = create_admin_app(relay.config, relay.store, relay.metrics, relay.events, relay.clock, relay.session)
+    assert relay.store is not None and relay.client is not None
+    app = create_admin_app(relay.config, relay.store, relay.metrics, relay.events, relay.clock, relay.client)
     table = []
     for route in app.router.routes():
         canonical = route.resource.canonical if route.resource is not None else ""

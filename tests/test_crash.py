@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import signal
 import sqlite3
 import time
@@ -232,5 +233,53 @@ async def test_sigterm_under_load_exits_cleanly_and_leaves_nothing_half_done(tmp
         assert relay.proc is not None
         relay.proc.send_signal(signal.SIGTERM)
         assert await relay.wait_exit(grace) == 0
+    finally:
+        relay.cleanup()
+
+
+def forwarder_pids(relay_pid: int) -> list[int]:
+    """The relay's forwarder process(es): its spawned children (not multiprocessing's resource tracker)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{relay_pid}/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            try:
+                if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    found.append(int(pid))
+            except FileNotFoundError:
+                pass  # gone since
+    return found
+
+
+async def test_a_killed_forwarder_process_is_replaced_and_forwarding_resumes(tmp_path, serve, http):
+    upstream = RecordingUpstream()
+    upstream.url = await serve(catch_all(upstream.handle), "/hook")
+    ingest = free_port()
+    relay = RelayProcess(write_config(tmp_path, upstream.url, ingest, free_port()), ingest, tmp_path / "relay.log")
+    bodies = make_bodies("k", 8)
+    relay.start()
+    try:
+        await relay.healthy(http)
+        assert relay.proc is not None
+
+        async def post(wid: str, body: bytes) -> None:
+            async with http.post(relay.url, data=body, headers=signed(body, msg_id=wid)) as resp:
+                assert resp.status == 200
+
+        for wid, body in bodies[:2]:
+            await post(wid, body)
+        await wait_until(lambda: {w for w, _ in bodies[:2]} <= upstream.webhook_ids(), timeout=15)
+        await wait_until(lambda: len(forwarder_pids(relay.proc.pid)) == 1, timeout=10)
+        (first,) = forwarder_pids(relay.proc.pid)
+        os.kill(first, signal.SIGKILL)
+        for wid, body in bodies[2:]:
+            await post(wid, body)  # ingest does not depend on the forwarder
+        await wait_until(lambda: {w for w, _ in bodies} <= upstream.webhook_ids(), timeout=15)
+        (second,) = forwarder_pids(relay.proc.pid)
+        assert second != first
+        assert "the forwarder process exited (code -9); starting a new one" in relay.tail(200)
+        # Stopping still stops both.
+        relay.proc.send_signal(signal.SIGTERM)
+        assert await relay.wait_exit(20) == 0
+        assert not Path(f"/proc/{second}").exists() or "zombie" in Path(f"/proc/{second}/status").read_text()
     finally:
         relay.cleanup()

@@ -616,6 +616,25 @@ async def test_duplicates_are_marked_and_not_sent_twice(store):
         assert due[delivery_id].already_delivered_as is None, delivery_id
 
 
+async def test_copies_committed_in_one_batch_are_duplicates_of_the_first(store):
+    # Enqueued together, so the group commit takes them in one transaction (SQLite: one
+    # multi-row INSERT, whose subqueries cannot see the statement's own rows).
+    body = prediction_body("burst")
+    earlier = await store.record_delivery(capture(T0, body=body, webhook_id="msg_old"), [pending()])
+    captures = [
+        capture(T0 + 1, body=body, webhook_id="msg_new"),
+        capture(T0 + 1, body=body, webhook_id="msg_new"),
+        capture(T0 + 1, body=body, webhook_id="msg_other"),
+        capture(T0 + 1, body=body, webhook_id="msg_new"),
+        capture(T0 + 1, body=body, webhook_id="msg_old"),
+        capture(T0 + 1, body=body),
+        capture(T0 + 1, body=body),
+    ]
+    ids = await asyncio.gather(*(store.record_delivery(c, [pending()]) for c in captures))
+    marks = [(await store.get_delivery(i)).duplicate_of for i in ids]
+    assert marks == [None, ids[0], None, ids[0], earlier, None, None]
+
+
 # --- 5. replays, attempts, predictions, counts ----------------------------------------
 
 
