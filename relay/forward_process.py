@@ -9,7 +9,9 @@ runs in a child process with its own store connection on the same SQLite file
 - parent → child: a byte after each ingest commit ("look for due rows"), and
   ``stop`` at shutdown (the child finishes its attempts in flight, then exits);
 - child → parent: the live events of its attempts, which the parent publishes
-  to its pages and counts in its metrics.
+  to its pages and counts in its metrics (one message per turn of the child's
+  event loop, however many attempts finished in it: a message each cost the
+  parent a poll and a read per attempt, 9 % of its time at saturation).
 
 If the parent dies (even by SIGKILL) the pipe closes and the child stops too;
 anything it was sending stays pending in the database and is sent again
@@ -99,16 +101,18 @@ class ForwarderProcess:
                 log.error("cannot wake the forwarder process: %s", exc)
 
     def _on_message(self) -> None:
+        """One message (a list of events) per call: the reader fires again while more are waiting."""
         conn = self._conn
         assert conn is not None
         try:
-            while conn.poll():
-                kind, data = json.loads(conn.recv_bytes())
-                self._events.publish(kind, data)
-                if kind == "attempt" and data.get("kind") == "forward":
-                    self._metrics.forward_attempt(data["upstream"], data["outcome"], data["duration_ms"] / 1000)
+            message = conn.recv_bytes()
         except (EOFError, OSError):
             self._child_gone()
+            return
+        for kind, data in json.loads(message):
+            self._events.publish(kind, data)
+            if kind == "attempt" and data.get("kind") == "forward":
+                self._metrics.forward_attempt(data["upstream"], data["outcome"], data["duration_ms"] / 1000)
 
     def _child_gone(self) -> None:
         """The pipe closed: the child exited. Unless we are stopping, start another."""
@@ -188,18 +192,26 @@ def child_main(config: Config, conn: Connection, concurrency: int, lease: float,
 async def _child(config: Config, conn: Connection, concurrency: int, lease: float) -> None:
     store = await open_store(config.relay.database, config.relay.commit_timeout_seconds, lease)
     events = EventBus()
+    loop = asyncio.get_running_loop()
+    outgoing: list[tuple[str, dict[str, Any]]] = []
 
-    def to_parent(kind: str, data: dict[str, Any]) -> None:
+    def flush() -> None:
+        batch = outgoing.copy()
+        outgoing.clear()
         try:
-            conn.send_bytes(json.dumps([kind, data]).encode())
+            conn.send_bytes(json.dumps(batch).encode())
         except OSError:
             pass  # the parent is gone; the pipe's EOF stops us
+
+    def to_parent(kind: str, data: dict[str, Any]) -> None:
+        if not outgoing:
+            loop.call_soon(flush)
+        outgoing.append((kind, data))
 
     events.share_with(to_parent)
     stopping = asyncio.Event()
     client = HttpClient()
     forwarder = Forwarder(config, store, client, Metrics(), events, time.time, concurrency)
-    loop = asyncio.get_running_loop()
 
     def on_readable() -> None:
         try:

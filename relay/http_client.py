@@ -21,6 +21,7 @@ import base64
 import collections
 import ssl
 from dataclasses import dataclass
+from itertools import chain
 from urllib.parse import unquote, urlsplit
 
 import httptools
@@ -74,22 +75,20 @@ def _target(url: str) -> _Target:
     return _Target((scheme, host, port), host_header, path, authorization)
 
 
-def _encode(text: str) -> bytes:
-    if any(bad in text for bad in _FORBIDDEN):
-        raise ValueError(f"header contains CR, LF or NUL: {text[:60]!r}")
-    # Stored headers keep stray bytes as surrogates (model.decode_header_bytes): send the original bytes.
-    return text.encode("utf-8", "surrogateescape")
-
-
 def request_head(method: str, target: _Target, headers: HeaderPairs, body_length: int) -> bytes:
     """The request line and headers; Host and Content-Length are the client's, as in any HTTP client."""
-    lines = [b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (_encode(method), _encode(target.path), _encode(target.host_header))]
+    given = "".join(chain((method,), chain.from_iterable(headers)))
+    for bad in _FORBIDDEN:
+        if bad in given:
+            raise ValueError(f"header contains CR, LF or NUL: {given[max(0, given.index(bad) - 40) :][:60]!r}")
+    parts = [method, " ", target.path, " HTTP/1.1\r\nHost: ", target.host_header, "\r\n"]
     for name, value in headers:
-        lines.append(b"%s: %s\r\n" % (_encode(name), _encode(value)))
+        parts += (name, ": ", value, "\r\n")
     if target.authorization and not any(name.lower() == "authorization" for name, _ in headers):
-        lines.append(b"Authorization: %s\r\n" % target.authorization.encode("ascii"))
-    lines.append(b"Content-Length: %d\r\n\r\n" % body_length)
-    return b"".join(lines)
+        parts += ("Authorization: ", target.authorization, "\r\n")
+    parts.append(f"Content-Length: {body_length}\r\n\r\n")
+    # Stored headers keep stray bytes as surrogates (model.decode_header_bytes): send the original bytes.
+    return "".join(parts).encode("utf-8", "surrogateescape")
 
 
 class _Connection(asyncio.Protocol):
