@@ -274,6 +274,7 @@ def run_round(
             to_forward = db.execute("SELECT COUNT(*) FROM outbox WHERE state != 'skipped'").fetchone()[0]
             db.close()
             drain(samples, "relay", sink, stored, to_forward, first, last)
+            refresh()  # new webhooks: repeats of the ones above would be duplicates, stored but not forwarded
             moderate = wrk(url, requests_file, seconds, 10, 20)  # the forwarder drains this as it comes
             record(samples, "relay", saturated, moderate)
             samples.add("relay.rss_mb", peak_rss_mb(proc.pid))
@@ -363,6 +364,7 @@ def run_pg_round(
         )
         to_forward = int(cluster.psql("SELECT COUNT(*) FROM outbox WHERE state != 'skipped'", dbname))
         drain(samples, name, f"http://127.0.0.1:{sink_port}", int(stored), to_forward, first, last)
+        refresh()  # new webhooks for the moderate run (repeats would not be forwarded)
         moderate = wrk_spread(urls, requests_file, seconds, 9 if instances == 3 else 10, 20)
         record(samples, name, saturated, moderate)
         samples.add(f"{name}.rss_mb", max(peak_rss_mb(p.pid) for p in procs))
@@ -497,7 +499,7 @@ def main() -> None:
         requests_file = work / "requests.tsv"
         # Unique requests for the whole relay run: a repeated webhook-id and body is a
         # duplicate, which the relay stores but does not forward again.
-        count = 30_000 if args.quick else int(15_000 * seconds)
+        count = 30_000 if args.quick else int(8_000 * seconds)
 
         def refresh() -> None:
             make_requests(requests_file, count)
