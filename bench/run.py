@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import re
+import resource
 import secrets
 import shutil
 import socket
@@ -25,7 +26,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -166,10 +167,38 @@ def peak_rss_mb(pid: int) -> float:
     return total
 
 
-def _children(pid: int) -> list[int]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextmanager
+def cpu_meter(processes: dict[str, int]) -> Iterator[dict[str, float]]:
+    """CPU seconds each named process used within the block, and ``wrk``'s (the children this
+    script waited for meanwhile: wrk runs to completion inside the block)."""
+    before = {name: cpu_seconds(pid) for name, pid in processes.items()}
+    waited = resource.getrusage(resource.RUSAGE_CHILDREN)
+    used: dict[str, float] = {}
+    yield used
+    for name, pid in processes.items():
+        used[name] = cpu_seconds(pid) - before[name]
+    now = resource.getrusage(resource.RUSAGE_CHILDREN)
+    used["wrk"] = (now.ru_utime + now.ru_stime) - (waited.ru_utime + waited.ru_stime)
+
+
+def record_cpu(samples: Samples, name: str, used: dict[str, float], count: int) -> None:
+    for part, seconds in used.items():
+        samples.add(f"{name}.cpu_us.{part}", seconds / count * 1e6 if count else float("nan"))
+
+
+def _children(pid: int, command_has: str = "") -> list[int]:
+    """A process's children (with ``command_has`` in their command line, when given)."""
     found = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(c) for c in (task / "children").read_text().split()]
+        for child in (task / "children").read_text().split():
+            if command_has in Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(child))
     return found
 
 
@@ -246,13 +275,18 @@ def run_round(
     mitmdump: Path | None,
 ) -> None:
     sink_port = free_port()
-    with process([sys.executable, str(BENCH / "sink.py"), str(sink_port)], f"http://127.0.0.1:{sink_port}/count"):
+    with process(
+        [sys.executable, str(BENCH / "sink.py"), str(sink_port)], f"http://127.0.0.1:{sink_port}/count"
+    ) as sink_proc:
         sink = f"http://127.0.0.1:{sink_port}"
         # ceiling
         port = free_port()
-        with process([sys.executable, str(BENCH / "ceiling.py"), str(port)], f"http://127.0.0.1:{port}/"):
+        with process([sys.executable, str(BENCH / "ceiling.py"), str(port)], f"http://127.0.0.1:{port}/") as server:
             url = f"http://127.0.0.1:{port}/webhooks/replicate"
-            record(samples, "ceiling", wrk(url, requests_file, seconds, 64), wrk(url, requests_file, seconds, 10, 20))
+            with cpu_meter({"server": server.pid}) as used:
+                saturated = wrk(url, requests_file, seconds, 64)
+            record_cpu(samples, "ceiling", used, saturated.requests)
+            record(samples, "ceiling", saturated, wrk(url, requests_file, seconds, 10, 20))
         # relay
         refresh()  # signatures older than the 300 s tolerance would be refused (400), not stored
         for stale in work.glob("relay.db*"):
@@ -266,14 +300,19 @@ def run_round(
             f"http://127.0.0.1:{ingest}/healthz",
             log=work / "relay.log",
         ) as proc:
-            saturated = wrk(url, requests_file, seconds, 64)
-            db = sqlite3.connect(work / "relay.db")
-            stored, first, last = db.execute(
-                "SELECT COUNT(*), MIN(received_at), MAX(received_at) FROM deliveries"
-            ).fetchone()
-            to_forward = db.execute("SELECT COUNT(*) FROM outbox WHERE state != 'skipped'").fetchone()[0]
-            db.close()
-            drain(samples, "relay", sink, stored, to_forward, first, last)
+            # CPU from the first request until every delivery has reached the sink: all the work
+            # the stored deliveries cost, ingest and forwarding, in each process on these cores.
+            parts = {"relay": proc.pid, "forwarder": _children(proc.pid, "spawn_main")[0], "sink": sink_proc.pid}
+            with cpu_meter(parts) as used:
+                saturated = wrk(url, requests_file, seconds, 64)
+                db = sqlite3.connect(work / "relay.db")
+                stored, first, last = db.execute(
+                    "SELECT COUNT(*), MIN(received_at), MAX(received_at) FROM deliveries"
+                ).fetchone()
+                to_forward = db.execute("SELECT COUNT(*) FROM outbox WHERE state != 'skipped'").fetchone()[0]
+                db.close()
+                drain(samples, "relay", sink, stored, to_forward, first, last)
+            record_cpu(samples, "relay", used, stored)
             refresh()  # new webhooks: repeats of the ones above would be duplicates, stored but not forwarded
             moderate = wrk(url, requests_file, seconds, 10, 20)  # the forwarder drains this as it comes
             record(samples, "relay", saturated, moderate)
@@ -566,6 +605,12 @@ def report(samples: Samples, rounds: int, seconds: float, rows: int, quick: bool
             f"{fmt(m(name + '.db_bytes_per_1000'), ',.0f')} DB bytes/1000"
         )
     print(f"pg3/pg1 {fmt(figures['pg3/pg1'], '.2f')}")
+    print(
+        f"CPU per delivery at saturation (ingest and forwarding): relay {fmt(m('relay.cpu_us.relay'))} us, "
+        f"forwarder process {fmt(m('relay.cpu_us.forwarder'))} us, sink {fmt(m('relay.cpu_us.sink'))} us, "
+        f"wrk {fmt(m('relay.cpu_us.wrk'))} us; per ceiling request: server {fmt(m('ceiling.cpu_us.server'))} us, "
+        f"wrk {fmt(m('ceiling.cpu_us.wrk'))} us"
+    )
     print(
         f"{rows} deliveries: list {fmt(m('query.list_ms'), '.1f')} ms, filter {fmt(m('query.filter_ms'), '.1f')} ms, "
         f"full text {fmt(m('query.fts_ms'), '.1f')} ms, list page HTML {fmt(m('query.page_ms'), '.1f')} ms"
