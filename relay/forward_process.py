@@ -69,22 +69,45 @@ class ForwarderProcess:
         self._reaper: asyncio.Task[None] | None = None
 
     def start(self) -> None:
+        """Start the child. At start-up a failure is the caller's; a restart that fails tries again later."""
         self._restart_handle = None
         if self._stopping:
             return
-        self._started_at = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        self._started_at = loop.time()
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe()
         level = logging.getLogger().getEffectiveLevel()
-        self._proc = ctx.Process(
+        proc = ctx.Process(
             target=child_main,
             args=(self._config, child, self._concurrency, self._lease, level),
             name="relay-forwarder",
         )
-        self._proc.start()
-        child.close()
+        try:
+            proc.start()
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()  # the child's end now lives in the child
+        self._proc = proc
         self._conn = parent
-        asyncio.get_running_loop().add_reader(parent.fileno(), self._on_message)
+        loop.add_reader(parent.fileno(), self._on_message)
+
+    def _restart(self) -> None:
+        try:
+            self.start()
+        except Exception as exc:  # EMFILE, ENOMEM...: forwarding must not stay stopped for good
+            log.error("could not start a new forwarder process: %s: %s", type(exc).__name__, exc)
+            self._schedule_restart(asyncio.get_running_loop())
+
+    def _schedule_restart(self, loop: asyncio.AbstractEventLoop) -> None:
+        if loop.time() - self._started_at >= HEALTHY_SECONDS:
+            self._restarts = 0
+        delay = RESTART_SECONDS[min(self._restarts, len(RESTART_SECONDS) - 1)]
+        self._restarts += 1
+        log.error("starting a new forwarder process in %g s (pending deliveries wait meanwhile)", delay)
+        self._restart_handle = loop.call_later(delay, self._restart)
 
     def wake(self) -> None:
         """After a commit: tell the child once per turn of the event loop, however many commits."""
@@ -101,18 +124,19 @@ class ForwarderProcess:
                 log.error("cannot wake the forwarder process: %s", exc)
 
     def _on_message(self) -> None:
-        """One message (a list of events) per call: the reader fires again while more are waiting."""
+        """Every message waiting (each a list of events: the child sends one per turn of its loop)."""
         conn = self._conn
         assert conn is not None
         try:
-            message = conn.recv_bytes()
+            while True:
+                for kind, data in json.loads(conn.recv_bytes()):
+                    self._events.publish(kind, data)
+                    if kind == "attempt" and data.get("kind") == "forward":
+                        self._metrics.forward_attempt(data["upstream"], data["outcome"], data["duration_ms"] / 1000)
+                if not conn.poll():
+                    return
         except (EOFError, OSError):
             self._child_gone()
-            return
-        for kind, data in json.loads(message):
-            self._events.publish(kind, data)
-            if kind == "attempt" and data.get("kind") == "forward":
-                self._metrics.forward_attempt(data["upstream"], data["outcome"], data["duration_ms"] / 1000)
 
     def _child_gone(self) -> None:
         """The pipe closed: the child exited. Unless we are stopping, start another."""
@@ -134,16 +158,8 @@ class ForwarderProcess:
             await loop.run_in_executor(None, proc.join)
         if self._stopping:
             return
-        if loop.time() - self._started_at >= HEALTHY_SECONDS:
-            self._restarts = 0
-        delay = RESTART_SECONDS[min(self._restarts, len(RESTART_SECONDS) - 1)]
-        self._restarts += 1
-        log.error(
-            "the forwarder process exited (code %s); starting a new one in %g s (pending deliveries wait meanwhile)",
-            proc.exitcode,
-            delay,
-        )
-        self._restart_handle = loop.call_later(delay, self.start)
+        log.error("the forwarder process exited (code %s)", proc.exitcode)
+        self._schedule_restart(loop)
         self._reaper = None
 
     async def stop(self) -> None:
@@ -153,10 +169,11 @@ class ForwarderProcess:
             self._restart_handle.cancel()
         await cancel_and_wait(self._reaper)
         conn, proc = self._conn, self._proc
-        if conn is None or proc is None:
+        if proc is None:
             return
         try:
-            conn.send_bytes(STOP)
+            if conn is not None:
+                conn.send_bytes(STOP)
         except OSError:
             pass  # it is gone already
         loop = asyncio.get_running_loop()
@@ -165,11 +182,12 @@ class ForwarderProcess:
             log.error("the forwarder process did not stop within %g s; killing it", STOP_GRACE_SECONDS)
             proc.kill()
             await loop.run_in_executor(None, proc.join)
-        try:
-            loop.remove_reader(conn.fileno())
-        except (OSError, ValueError):
-            pass
-        conn.close()
+        if conn is not None:
+            try:
+                loop.remove_reader(conn.fileno())
+            except (OSError, ValueError):
+                pass
+            conn.close()
         self._conn = self._proc = None
 
 
@@ -231,6 +249,8 @@ async def _child(config: Config, conn: Connection, concurrency: int, lease: floa
     finally:
         loop.remove_reader(conn.fileno())
         await forwarder.stop()
+        if outgoing:
+            flush()  # the events of the last attempts
         await client.close()
         await store.close()
         conn.close()

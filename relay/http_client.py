@@ -19,11 +19,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import socket
 import ssl
 from dataclasses import dataclass
 from itertools import chain
 from urllib.parse import unquote, urlsplit
 
+import aiohappyeyeballs
 import httptools
 
 from relay.model import HeaderPairs
@@ -31,6 +33,8 @@ from relay.model import HeaderPairs
 DEFAULT_PORTS = {"http": 80, "https": 443}
 KEEPALIVE_SECONDS = 15.0  # an idle connection older than this is closed, not reused
 MAX_IDLE_PER_ORIGIN = 128
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+HAPPY_EYEBALLS_DELAY = 0.25  # as aiohttp: try the next address (IPv4 after IPv6) after this long
 _FORBIDDEN = ("\r", "\n", "\0")
 
 
@@ -127,8 +131,11 @@ class _Connection(asyncio.Protocol):
         self.transport.write(head + body if len(body) < 65536 else head)
         if len(body) >= 65536:
             self.transport.write(body)
+        while self._writable is not None and not done.done():
+            # The body is still going out; the upstream may answer (413, say) before taking it all.
+            await asyncio.wait((done, self._writable), return_when=asyncio.FIRST_COMPLETED)
         if self._writable is not None:
-            await self._writable
+            self.reusable = False  # answered with part of the body unsent: this connection is spent
         return await done
 
     @property
@@ -262,6 +269,7 @@ class HttpClient:
         self._idle: dict[tuple[str, str, int], collections.deque[_Connection]] = {}
         self._busy: set[_Connection] = set()
         self._closed = False
+        self._sweep: asyncio.TimerHandle | None = None
 
     async def request(self, method: str, url: str, headers: HeaderPairs, body: bytes, *, body_cap: int) -> Response:
         """One exchange; raises HttpError or OSError (connect, TLS, DNS) or ValueError (bad URL or header).
@@ -279,10 +287,12 @@ class HttpClient:
             try:
                 response = await self._exchange(conn, head, body, body_cap, head_only)
             except HttpError:
-                if not reused or conn.answered:
+                if not reused or conn.answered or method.upper() not in IDEMPOTENT:
                     raise
-                # The pooled connection had been closed by the upstream while idle (nothing of
-                # the request was answered): once more on a fresh one, as any HTTP client does.
+                # The pooled connection may have been closed by the upstream while idle: once more
+                # on a fresh one. Only for idempotent methods, as aiohttp does: a POST the upstream
+                # read before hanging up would arrive twice within what is recorded as one attempt;
+                # it fails instead, is recorded, and the forwarder's retry sends it again.
                 conn = await self._connect(target.origin)
                 response = await self._exchange(conn, head, body, body_cap, head_only)
         except BaseException:
@@ -319,9 +329,17 @@ class HttpClient:
                 self._ssl = ssl.create_default_context()
             context = self._ssl
         loop = asyncio.get_running_loop()
-        _, conn = await loop.create_connection(
-            _Connection, host, port, ssl=context, server_hostname=host if context else None
-        )
+        addresses = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        # Happy Eyeballs (RFC 8305), as aiohttp connects: an address that does not answer (a
+        # black-holed AAAA record, say) costs 250 ms, not the whole attempt.
+        sock = await aiohappyeyeballs.start_connection(addresses, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY)
+        try:
+            _, conn = await loop.create_connection(
+                _Connection, sock=sock, ssl=context, server_hostname=host if context else None
+            )
+        except BaseException:
+            sock.close()
+            raise
         return conn
 
     def _release(self, origin: tuple[str, str, int], conn: _Connection) -> None:
@@ -329,11 +347,28 @@ class HttpClient:
         if not conn.reusable or conn.closed or self._closed:
             self._discard(conn)
             return
-        conn.idle_since = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        conn.idle_since = loop.time()
         idle = self._idle.setdefault(origin, collections.deque())
         idle.append(conn)
         while len(idle) > MAX_IDLE_PER_ORIGIN:
             self._discard(idle.popleft())
+        if self._sweep is None:
+            self._sweep = loop.call_later(self._keepalive, self._close_expired)
+
+    def _close_expired(self) -> None:
+        """Close connections idle past keep-alive (an upstream no longer sent to keeps none open)."""
+        self._sweep = None
+        loop = asyncio.get_running_loop()
+        cutoff = loop.time() - self._keepalive
+        for origin, idle in list(self._idle.items()):
+            while idle and (idle[0].closed or idle[0].idle_since <= cutoff):  # oldest first
+                self._discard(idle.popleft())
+            if not idle:
+                del self._idle[origin]
+        if self._idle and not self._closed:
+            oldest = min(idle[0].idle_since for idle in self._idle.values())
+            self._sweep = loop.call_at(oldest + self._keepalive, self._close_expired)
 
     def _discard(self, conn: _Connection) -> None:
         self._busy.discard(conn)
@@ -342,6 +377,9 @@ class HttpClient:
     async def close(self) -> None:
         """Close every connection (those in use are closed under their exchange)."""
         self._closed = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         for idle in self._idle.values():
             for conn in idle:
                 self._discard(conn)

@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import json
 import os
+import resource
 import signal
 import sqlite3
 import time
@@ -276,10 +277,48 @@ async def test_a_killed_forwarder_process_is_replaced_and_forwarding_resumes(tmp
         await wait_until(lambda: {w for w, _ in bodies} <= upstream.webhook_ids(), timeout=15)
         (second,) = forwarder_pids(relay.proc.pid)
         assert second != first
-        assert "the forwarder process exited (code -9); starting a new one" in relay.tail(200)
+        log = relay.tail(200)
+        assert "the forwarder process exited (code -9)" in log and "starting a new forwarder process in 1 s" in log
         # Stopping still stops both.
         relay.proc.send_signal(signal.SIGTERM)
         assert await relay.wait_exit(20) == 0
         assert not Path(f"/proc/{second}").exists() or "zombie" in Path(f"/proc/{second}/status").read_text()
+    finally:
+        relay.cleanup()
+
+
+async def test_a_forwarder_process_that_cannot_be_started_is_tried_again(tmp_path, serve, http):
+    """Out of file descriptors when the dead forwarder is replaced: the relay says so, keeps trying
+    on its backoff, and forwards again once a start succeeds (without a restart of the relay)."""
+    upstream = RecordingUpstream()
+    upstream.url = await serve(catch_all(upstream.handle), "/hook")
+    ingest = free_port()
+    relay = RelayProcess(write_config(tmp_path, upstream.url, ingest, free_port()), ingest, tmp_path / "relay.log")
+    bodies = make_bodies("f", 4)
+    relay.start()
+    try:
+        await relay.healthy(http)
+        assert relay.proc is not None
+        pid = relay.proc.pid
+        body = bodies[0][1]
+        async with http.post(relay.url, data=body, headers=signed(body, msg_id=bodies[0][0])) as resp:
+            assert resp.status == 200
+        await wait_until(lambda: bodies[0][0] in upstream.webhook_ids(), timeout=15)
+        (first,) = forwarder_pids(pid)
+        soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        in_use = len(os.listdir(f"/proc/{pid}/fd"))
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (in_use, hard))  # no new descriptor from here
+        try:
+            os.kill(first, signal.SIGKILL)
+            await wait_until(lambda: relay.tail(200).count("could not start a new forwarder process") >= 2, timeout=15)
+            assert forwarder_pids(pid) == []
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        await wait_until(lambda: len(forwarder_pids(pid)) == 1, timeout=15)
+        for wid, body in bodies[1:]:
+            async with http.post(relay.url, data=body, headers=signed(body, msg_id=wid)) as resp:
+                assert resp.status == 200
+        await wait_until(lambda: {w for w, _ in bodies} <= upstream.webhook_ids(), timeout=15)
+        assert "Too many open files" in relay.tail(200)
     finally:
         relay.cleanup()

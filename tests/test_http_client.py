@@ -399,17 +399,27 @@ async def test_a_pooled_connection_the_client_saw_closed_is_not_used(
     assert [[target_of(request) for request in peer.requests] for peer in server.peers] == [[b"/first"], [b"/second"]]
 
 
-async def test_a_request_racing_the_servers_close_of_a_pooled_connection_is_sent_once_on_a_new_one(
-    raw_server: StartServer, client: HttpClient
+@pytest.mark.parametrize("method", ["POST", "PUT"])
+async def test_a_request_racing_the_servers_close_of_a_pooled_connection(
+    raw_server: StartServer, client: HttpClient, method: str
 ) -> None:
+    """A POST is not sent again behind the caller's back (the upstream may have read it before
+    hanging up, and the attempt would record one send for two): it fails, and the forwarder's own
+    retry sends it, recorded. An idempotent PUT is sent once more on a new connection, as aiohttp does."""
     server = await raw_server(keep_answering(echo_target))
     answered(await post(client, f"{server.url}/first"))
     # The server's idle timeout fires: the socket is closed on the loop's next turn, after the
     # client (which has not seen anything yet) has written its next request on that connection.
     server.peers[0].writer.transport.abort()
-    result = answered(await post(client, f"{server.url}/second"))
-    assert (result.status, result.body) == (200, b"/second")
-    assert [[target_of(request) for request in peer.requests] for peer in server.peers] == [[b"/first"], [b"/second"]]
+    request = OutgoingRequest(method, f"{server.url}/second", (), b"payload")
+    result = await send(client, request, DEADLINE)
+    if method == "POST":
+        assert result.status is None and result.error is not None
+        answered(await post(client, f"{server.url}/third"))
+        assert [[target_of(r) for r in peer.requests] for peer in server.peers] == [[b"/first"], [b"/third"]]
+    else:
+        assert (result.status, result.body) == (200, b"/second")
+        assert [[target_of(r) for r in peer.requests] for peer in server.peers] == [[b"/first"], [b"/second"]]
 
 
 # --- 4. responses ---------------------------------------------------------------------------------
@@ -768,3 +778,39 @@ async def test_close_during_an_exchange_ends_it_with_an_error(raw_server: StartS
     result = task.result()
     assert result.status is None and result.error
     await closed_by_client(server.peers[0])
+
+
+async def test_an_early_answer_is_taken_while_the_upstream_stops_reading_the_body(
+    raw_server: StartServer, client: HttpClient
+) -> None:
+    """The upstream answers 413 after the head and then neither reads the rest nor hangs up: the
+    answer is the result (not a timeout), and that connection is not used again."""
+    stalled = asyncio.Event()
+
+    async def refuse_big(peer: Peer) -> None:
+        if peer.index > 0:
+            await keep_answering(OK)(peer)
+            return
+        await peer.reader.readuntil(b"\r\n\r\n")
+        await peer.answer(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\r\ntoo big!")
+        stalled.set()
+        await asyncio.Event().wait()  # held open, unread, until the test ends
+
+    server = await raw_server(refuse_big)
+    started = asyncio.get_running_loop().time()
+    result = await post(client, f"{server.url}/big", (), b"x" * (32 * 1024 * 1024), timeout=5)
+    assert (result.status, result.body, result.error) == (413, b"too big!", None)
+    assert asyncio.get_running_loop().time() - started < 2
+    answered(await post(client, f"{server.url}/next"))
+    assert server.connections == 2 and stalled.is_set()
+
+
+async def test_idle_connections_are_closed_after_keepalive_without_further_requests(
+    raw_server: StartServer, make_client: Callable[..., HttpClient]
+) -> None:
+    client = make_client(keepalive_seconds=0.2)
+    server = await raw_server(keep_answering(OK))
+    await asyncio.gather(*(post(client, f"{server.url}/{n}") for n in range(3)))
+    assert server.connections == 3
+    # No request follows: the client itself hangs up every idle connection once keep-alive is past.
+    await asyncio.wait_for(asyncio.gather(*(peer.client_closed.wait() for peer in server.peers)), 2)

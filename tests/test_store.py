@@ -964,3 +964,23 @@ async def test_pg_health_checks_of_relays_do_not_wait_on_each_other(postgres: Po
     finally:
         await conn.close()
         await close_all(stores)
+
+
+@pytest.mark.parametrize("limit", [999, 10, 3])
+def test_batches_insert_whole_under_any_variable_limit(tmp_path, limit):
+    """SQLite before 3.32 allows 999 variables in a statement (a build may allow fewer); a batch
+    of any size still goes in whole and in order (writer.execute_rows splits its multi-row INSERTs)."""
+    import sqlite3
+
+    from relay.writer import execute_rows
+
+    conn = sqlite3.connect(tmp_path / "t.db", isolation_level=None)
+    conn.execute("CREATE TABLE t (n INTEGER, a TEXT, b BLOB)")
+    conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, limit)
+    expected: list[tuple[int, str, bytes]] = []
+    for size in (1, 2, 3, 37, 64, 1000):
+        rows = [(len(expected) + i, f"row {i}", bytes([i % 256])) for i in range(size)]
+        execute_rows(conn, "INSERT INTO t (n, a, b) VALUES (?, ?, ?)", rows)
+        expected += rows
+    assert conn.execute("SELECT n, a, b FROM t ORDER BY rowid").fetchall() == expected
+    conn.close()
