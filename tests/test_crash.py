@@ -251,29 +251,41 @@ def forwarder_pids(relay_pid: int) -> list[int]:
     return found
 
 
-async def test_a_killed_forwarder_process_is_replaced_and_forwarding_resumes(tmp_path, serve, http):
+async def relay_with_upstream(
+    tmp_path: Path, serve: Any, http: aiohttp.ClientSession
+) -> tuple[RelayProcess, RecordingUpstream]:
+    """A running ``relay serve`` forwarding to a recording upstream (the caller cleans it up)."""
     upstream = RecordingUpstream()
     upstream.url = await serve(catch_all(upstream.handle), "/hook")
     ingest = free_port()
     relay = RelayProcess(write_config(tmp_path, upstream.url, ingest, free_port()), ingest, tmp_path / "relay.log")
-    bodies = make_bodies("k", 8)
     relay.start()
     try:
         await relay.healthy(http)
+    except BaseException:
+        relay.cleanup()
+        raise
+    return relay, upstream
+
+
+async def post_ok(http: aiohttp.ClientSession, relay: RelayProcess, wid: str, body: bytes) -> None:
+    async with http.post(relay.url, data=body, headers=signed(body, msg_id=wid)) as resp:
+        assert resp.status == 200
+
+
+async def test_a_killed_forwarder_process_is_replaced_and_forwarding_resumes(tmp_path, serve, http):
+    relay, upstream = await relay_with_upstream(tmp_path, serve, http)
+    bodies = make_bodies("k", 8)
+    try:
         assert relay.proc is not None
-
-        async def post(wid: str, body: bytes) -> None:
-            async with http.post(relay.url, data=body, headers=signed(body, msg_id=wid)) as resp:
-                assert resp.status == 200
-
         for wid, body in bodies[:2]:
-            await post(wid, body)
+            await post_ok(http, relay, wid, body)
         await wait_until(lambda: {w for w, _ in bodies[:2]} <= upstream.webhook_ids(), timeout=15)
         await wait_until(lambda: len(forwarder_pids(relay.proc.pid)) == 1, timeout=10)
         (first,) = forwarder_pids(relay.proc.pid)
         os.kill(first, signal.SIGKILL)
         for wid, body in bodies[2:]:
-            await post(wid, body)  # ingest does not depend on the forwarder
+            await post_ok(http, relay, wid, body)  # ingest does not depend on the forwarder
         await wait_until(lambda: {w for w, _ in bodies} <= upstream.webhook_ids(), timeout=15)
         (second,) = forwarder_pids(relay.proc.pid)
         assert second != first
@@ -290,19 +302,12 @@ async def test_a_killed_forwarder_process_is_replaced_and_forwarding_resumes(tmp
 async def test_a_forwarder_process_that_cannot_be_started_is_tried_again(tmp_path, serve, http):
     """Out of file descriptors when the dead forwarder is replaced: the relay says so, keeps trying
     on its backoff, and forwards again once a start succeeds (without a restart of the relay)."""
-    upstream = RecordingUpstream()
-    upstream.url = await serve(catch_all(upstream.handle), "/hook")
-    ingest = free_port()
-    relay = RelayProcess(write_config(tmp_path, upstream.url, ingest, free_port()), ingest, tmp_path / "relay.log")
+    relay, upstream = await relay_with_upstream(tmp_path, serve, http)
     bodies = make_bodies("f", 4)
-    relay.start()
     try:
-        await relay.healthy(http)
         assert relay.proc is not None
         pid = relay.proc.pid
-        body = bodies[0][1]
-        async with http.post(relay.url, data=body, headers=signed(body, msg_id=bodies[0][0])) as resp:
-            assert resp.status == 200
+        await post_ok(http, relay, *bodies[0])
         await wait_until(lambda: bodies[0][0] in upstream.webhook_ids(), timeout=15)
         (first,) = forwarder_pids(pid)
         soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
@@ -316,8 +321,7 @@ async def test_a_forwarder_process_that_cannot_be_started_is_tried_again(tmp_pat
             resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
         await wait_until(lambda: len(forwarder_pids(pid)) == 1, timeout=15)
         for wid, body in bodies[1:]:
-            async with http.post(relay.url, data=body, headers=signed(body, msg_id=wid)) as resp:
-                assert resp.status == 200
+            await post_ok(http, relay, wid, body)
         await wait_until(lambda: {w for w, _ in bodies} <= upstream.webhook_ids(), timeout=15)
         assert "Too many open files" in relay.tail(200)
     finally:
