@@ -235,8 +235,17 @@ class Samples:
         return statistics.median(found) if found else None
 
 
-def relay_config(work: Path, ingest: int, ui: int, sink: int, database: str | None = None, name: str = "relay") -> Path:
+def relay_config(
+    work: Path, ingest: int, ui: int, sink: int | None, database: str | None = None, name: str = "relay"
+) -> Path:
+    """A relay TOML; ``sink=None``: no upstream (ingest alone)."""
     path = work / f"{name}.toml"
+    upstream = f"""
+[[upstreams]]
+name = "sink"
+source = "replicate"
+url = "http://127.0.0.1:{sink}/hook"
+"""
     path.write_text(
         f"""[relay]
 database = "{database or work / "relay.db"}"
@@ -247,12 +256,7 @@ ui_listen = "127.0.0.1:{ui}"
 name = "replicate"
 path = "/webhooks/replicate"
 secret = "{SECRET}"
-
-[[upstreams]]
-name = "sink"
-source = "replicate"
-url = "http://127.0.0.1:{sink}/hook"
-"""
+{upstream if sink is not None else ""}"""
     )
     return path
 
@@ -318,6 +322,26 @@ def run_round(
             record(samples, "relay", saturated, moderate)
             samples.add("relay.rss_mb", peak_rss_mb(proc.pid))
         samples.add("relay.db_bytes_per_1000", db_bytes_per_thousand(work / "relay.db"))
+        # the same relay with no upstream: what ingest alone sustains when it has the cores to itself
+        refresh()
+        for stale in work.glob("relay.db*"):
+            stale.unlink()
+        ingest, ui = free_port(), free_port()
+        config = relay_config(work, ingest, ui, None, name="ingest-only")
+        with process(
+            [sys.executable, "-m", "relay", "serve", "--config", str(config), "--log-level", "warning"],
+            f"http://127.0.0.1:{ingest}/healthz",
+            log=work / "ingest-only.log",
+        ) as proc:
+            with cpu_meter({"relay": proc.pid}) as used:
+                alone = wrk(f"http://127.0.0.1:{ingest}/webhooks/replicate", requests_file, seconds, 64)
+            record_cpu(samples, "ingest_only", used, alone.requests)
+            samples.add("ingest_only.rps", alone.rps)
+            samples.add("ingest_only.p99_ms", alone.p99_ms)
+            samples.add("ingest_only.errors", alone.errors)
+            print(
+                f"  ingest only {alone.rps:5.0f} req/s  p99 {alone.p99_ms:6.1f} ms | errors {alone.errors}", flush=True
+            )
         # peer: mitmdump as a reverse proxy writing flows to a file, in front of the same sink
         if mitmdump is not None:
             port = free_port()
@@ -605,6 +629,11 @@ def report(samples: Samples, rounds: int, seconds: float, rows: int, quick: bool
             f"{fmt(m(name + '.db_bytes_per_1000'), ',.0f')} DB bytes/1000"
         )
     print(f"pg3/pg1 {fmt(figures['pg3/pg1'], '.2f')}")
+    print(
+        f"relay with no upstream (ingest alone): {fmt(m('ingest_only.rps'))} req/s, "
+        f"p99 {fmt(m('ingest_only.p99_ms'), '.1f')} ms, {fmt(m('ingest_only.cpu_us.relay'))} us of relay CPU "
+        f"and {fmt(m('ingest_only.cpu_us.wrk'))} us of wrk per request, errors {fmt(m('ingest_only.errors'))}"
+    )
     print(
         f"CPU per delivery at saturation (ingest and forwarding): relay {fmt(m('relay.cpu_us.relay'))} us, "
         f"forwarder process {fmt(m('relay.cpu_us.forwarder'))} us, sink {fmt(m('relay.cpu_us.sink'))} us, "
