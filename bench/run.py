@@ -35,9 +35,12 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "tests"))  # the tests' pgcluster and proctree serve here too
 
 from relay.lifecycle import encode, prediction_lifecycle  # noqa: E402
 from relay.verify import decode_secret, sign  # noqa: E402
+
+from proctree import child_pids, forwarder_pids  # noqa: E402
 
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
@@ -160,7 +163,7 @@ def wrk(
 def peak_rss_mb(pid: int) -> float:
     """Peak resident memory of a relay: its main process and its children (the forwarder process) together."""
     total = 0.0
-    for member in [pid, *_children(pid)]:
+    for member in [pid, *child_pids(pid)]:
         for line in Path(f"/proc/{member}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 total += int(line.split()[1]) / 1024
@@ -190,16 +193,6 @@ def cpu_meter(processes: dict[str, int]) -> Iterator[dict[str, float]]:
 def record_cpu(samples: Samples, name: str, used: dict[str, float], count: int) -> None:
     for part, seconds in used.items():
         samples.add(f"{name}.cpu_us.{part}", seconds / count * 1e6 if count else float("nan"))
-
-
-def _children(pid: int, command_has: str = "") -> list[int]:
-    """A process's children (with ``command_has`` in their command line, when given)."""
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            if command_has in Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace"):
-                found.append(int(child))
-    return found
 
 
 def mitmdump_path() -> Path | None:
@@ -261,6 +254,21 @@ secret = "{SECRET}"
     return path
 
 
+def relay_process(work: Path, config: Path, ingest: int):  # type: ignore[no-untyped-def]
+    """``relay serve`` with this config, up once its ingest listener answers; its log beside the config."""
+    return process(
+        [sys.executable, "-m", "relay", "serve", "--config", str(config), "--log-level", "warning"],
+        f"http://127.0.0.1:{ingest}/healthz",
+        log=work / f"{config.stem}.log",
+    )
+
+
+def remove_database(db: Path) -> None:
+    """A SQLite database and its -wal and -shm files, so the next relay starts empty."""
+    for stale in db.parent.glob(db.name + "*"):
+        stale.unlink()
+
+
 def db_bytes_per_thousand(db: Path) -> float:
     conn = sqlite3.connect(db)
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -293,20 +301,14 @@ def run_round(
             record(samples, "ceiling", saturated, wrk(url, requests_file, seconds, 10, 20))
         # relay
         refresh()  # signatures older than the 300 s tolerance would be refused (400), not stored
-        for stale in work.glob("relay.db*"):
-            stale.unlink()
+        remove_database(work / "relay.db")
         urllib.request.urlopen(urllib.request.Request(sink + "/reset", method="POST"), timeout=5).close()
         ingest, ui = free_port(), free_port()
-        config = relay_config(work, ingest, ui, sink_port)
         url = f"http://127.0.0.1:{ingest}/webhooks/replicate"
-        with process(
-            [sys.executable, "-m", "relay", "serve", "--config", str(config), "--log-level", "warning"],
-            f"http://127.0.0.1:{ingest}/healthz",
-            log=work / "relay.log",
-        ) as proc:
+        with relay_process(work, relay_config(work, ingest, ui, sink_port), ingest) as proc:
             # CPU from the first request until every delivery has reached the sink: all the work
             # the stored deliveries cost, ingest and forwarding, in each process on these cores.
-            parts = {"relay": proc.pid, "forwarder": _children(proc.pid, "spawn_main")[0], "sink": sink_proc.pid}
+            parts = {"relay": proc.pid, "forwarder": forwarder_pids(proc.pid)[0], "sink": sink_proc.pid}
             with cpu_meter(parts) as used:
                 saturated = wrk(url, requests_file, seconds, 64)
                 db = sqlite3.connect(work / "relay.db")
@@ -324,15 +326,9 @@ def run_round(
         samples.add("relay.db_bytes_per_1000", db_bytes_per_thousand(work / "relay.db"))
         # the same relay with no upstream: what ingest alone sustains when it has the cores to itself
         refresh()
-        for stale in work.glob("relay.db*"):
-            stale.unlink()
+        remove_database(work / "relay.db")
         ingest, ui = free_port(), free_port()
-        config = relay_config(work, ingest, ui, None, name="ingest-only")
-        with process(
-            [sys.executable, "-m", "relay", "serve", "--config", str(config), "--log-level", "warning"],
-            f"http://127.0.0.1:{ingest}/healthz",
-            log=work / "ingest-only.log",
-        ) as proc:
+        with relay_process(work, relay_config(work, ingest, ui, None, name="ingest-only"), ingest) as proc:
             with cpu_meter({"relay": proc.pid}) as used:
                 alone = wrk(f"http://127.0.0.1:{ingest}/webhooks/replicate", requests_file, seconds, 64)
             record_cpu(samples, "ingest_only", used, alone.requests)
@@ -408,15 +404,7 @@ def run_pg_round(
         for n in range(instances):
             ingest, ui = free_port(), free_port()
             config = relay_config(work, ingest, ui, sink_port, database, name=f"{name}-{n}")
-            procs.append(
-                stack.enter_context(
-                    process(
-                        [sys.executable, "-m", "relay", "serve", "--config", str(config), "--log-level", "warning"],
-                        f"http://127.0.0.1:{ingest}/healthz",
-                        log=work / f"{name}-{n}.log",
-                    )
-                )
-            )
+            procs.append(stack.enter_context(relay_process(work, config, ingest)))
             urls.append(f"http://127.0.0.1:{ingest}/webhooks/replicate")
         saturated = wrk_spread(urls, requests_file, seconds, 64)
         stored, first, last = (
@@ -479,8 +467,7 @@ async def query_latency(work: Path, rows: int, samples: Samples) -> None:
     from relay.service import Relay
 
     db = work / "big.db"
-    for stale in work.glob("big.db*"):
-        stale.unlink()
+    remove_database(db)
     config = parse_config(
         {
             "relay": {"database": str(db), "ingest_listen": "127.0.0.1:0", "ui_listen": "127.0.0.1:0"},
@@ -551,7 +538,6 @@ def main() -> None:
     samples = Samples()
     cluster = None
     if not args.no_pg:
-        sys.path.insert(0, str(ROOT / "tests"))
         from pgcluster import PostgresCluster  # the tests' private server, here with fsync on
 
         cluster = PostgresCluster(durable=True).start()

@@ -4,7 +4,8 @@ Profiled at saturation, the relay process used one core (its interpreter
 lock) while the machine sat 39 % idle, and forwarding through aiohttp's client
 cost more per delivery than ingest. Here the same :class:`~relay.forward.Forwarder`
 runs in a child process with its own store connection on the same SQLite file
-(WAL and a busy timeout let the two writers take turns). A pipe joins them:
+(WAL lets the two writers take turns; each polls for the write lock, see
+``relay.writer``). A pipe joins them:
 
 - parent → child: a byte after each ingest commit ("look for due rows"), and
   ``stop`` at shutdown (the child finishes its attempts in flight, then exits);
@@ -151,15 +152,11 @@ class ForwarderProcess:
         self._reaper = loop.create_task(self._restart_later(proc), name="relay-forwarder-restart")
 
     async def _restart_later(self, proc: multiprocessing.process.BaseProcess) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, proc.join, STOP_GRACE_SECONDS)  # it closed its end on the way out
-        if proc.is_alive():
-            proc.kill()
-            await loop.run_in_executor(None, proc.join)
+        await _reap(proc)  # it closed its end of the pipe on the way out
         if self._stopping:
             return
         log.error("the forwarder process exited (code %s)", proc.exitcode)
-        self._schedule_restart(loop)
+        self._schedule_restart(asyncio.get_running_loop())
         self._reaper = None
 
     async def stop(self) -> None:
@@ -176,19 +173,24 @@ class ForwarderProcess:
                 conn.send_bytes(STOP)
         except OSError:
             pass  # it is gone already
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, proc.join, STOP_GRACE_SECONDS)
-        if proc.is_alive():
-            log.error("the forwarder process did not stop within %g s; killing it", STOP_GRACE_SECONDS)
-            proc.kill()
-            await loop.run_in_executor(None, proc.join)
+        await _reap(proc)
         if conn is not None:
             try:
-                loop.remove_reader(conn.fileno())
+                asyncio.get_running_loop().remove_reader(conn.fileno())
             except (OSError, ValueError):
                 pass
             conn.close()
         self._conn = self._proc = None
+
+
+async def _reap(proc: multiprocessing.process.BaseProcess) -> None:
+    """Wait for the child to exit, killing it if it has not within the grace period."""
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, proc.join, STOP_GRACE_SECONDS)
+    if proc.is_alive():
+        log.error("the forwarder process did not exit within %g s; killing it", STOP_GRACE_SECONDS)
+        proc.kill()
+        await loop.run_in_executor(None, proc.join)
 
 
 def child_main(config: Config, conn: Connection, concurrency: int, lease: float, log_level: int) -> None:

@@ -284,24 +284,21 @@ class HttpClient:
         if conn is None:
             conn, reused = await self._connect(target.origin), False
         try:
-            try:
-                response = await self._exchange(conn, head, body, body_cap, head_only)
-            except HttpError:
-                if not reused or conn.answered or method.upper() not in IDEMPOTENT:
-                    raise
-                # The pooled connection may have been closed by the upstream while idle: once more
-                # on a fresh one. Only for idempotent methods, as aiohttp does: a POST the upstream
-                # read before hanging up would arrive twice within what is recorded as one attempt;
-                # it fails instead, is recorded, and the forwarder's retry sends it again.
-                conn = await self._connect(target.origin)
-                response = await self._exchange(conn, head, body, body_cap, head_only)
-        except BaseException:
-            self._discard(conn)
-            raise
+            response = await self._exchange(conn, head, body, body_cap, head_only)
+        except HttpError:  # (_exchange has closed that connection)
+            if not reused or conn.answered or method.upper() not in IDEMPOTENT:
+                raise
+            # The pooled connection may have been closed by the upstream while idle: once more
+            # on a fresh one. Only for idempotent methods, as aiohttp does: a POST the upstream
+            # read before hanging up would arrive twice within what is recorded as one attempt;
+            # it fails instead, is recorded, and the forwarder's retry sends it again.
+            conn = await self._connect(target.origin)
+            response = await self._exchange(conn, head, body, body_cap, head_only)
         self._release(target.origin, conn)
         return response
 
     async def _exchange(self, conn: _Connection, head: bytes, body: bytes, cap: int, head_only: bool) -> Response:
+        """The exchange on ``conn``; if it fails in any way (cancelled too), ``conn`` is closed."""
         self._busy.add(conn)
         try:
             return await conn.exchange(head, body, cap, head_only)

@@ -124,7 +124,7 @@ class SqliteStore(SqlReads):
     One relay per database file: the outbox is claimed in the memory of the one
     forwarder (inline or in the relay's forwarder process), not with leases (see
     PgStore for several relays on one database). The relay and its forwarder
-    process each hold a write connection; WAL and the busy timeout let them take turns.
+    process each hold a write connection; WAL lets them take turns (relay.writer polls for the lock).
     """
 
     idle_poll_seconds: float | None = None

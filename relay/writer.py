@@ -209,7 +209,7 @@ class Writer:
                     grouped.setdefault(sql, []).append(params)
             for sql, params_list in grouped.items():
                 execute_rows(conn, sql, params_list)
-            if self._after_ids is not None and first_id is not None and next_id > first_id:
+            if self._after_ids is not None and first_id is not None:
                 self._after_ids(conn, first_id, next_id - 1)
             for op in batch:
                 if op.run:

@@ -23,6 +23,7 @@ from typing import Any
 import aiohttp
 
 from processes import RecordingUpstream, RelayProcess, make_bodies, split_by_prediction, write_config
+from proctree import forwarder_pids
 from support import catch_all, free_port, signed, wait_until
 
 RETRY_PAUSE = 0.02  # a poster's pause before retrying (inside its own deadline)
@@ -236,19 +237,6 @@ async def test_sigterm_under_load_exits_cleanly_and_leaves_nothing_half_done(tmp
         assert await relay.wait_exit(grace) == 0
     finally:
         relay.cleanup()
-
-
-def forwarder_pids(relay_pid: int) -> list[int]:
-    """The relay's forwarder process(es): its spawned children (not multiprocessing's resource tracker)."""
-    found: list[int] = []
-    for task in Path(f"/proc/{relay_pid}/task").iterdir():
-        for pid in (task / "children").read_text().split():
-            try:
-                if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    found.append(int(pid))
-            except FileNotFoundError:
-                pass  # gone since
-    return found
 
 
 async def relay_with_upstream(
