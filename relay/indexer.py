@@ -18,7 +18,9 @@ log = logging.getLogger(__name__)
 
 QUIET_SECONDS = 0.25  # index once ingest has been quiet this long
 MAX_DEFER_SECONDS = 5.0  # ...but never leave new bodies unindexed longer than this
-CHUNK = 500
+# ~2 ms of tokenising a transaction: ingest commits queued behind a chunk wait no longer than that
+# (500-row chunks held the write lock ~30 ms and set the p99 latency at 500 webhooks/s).
+CHUNK = 32
 
 
 class Indexer:

@@ -17,6 +17,7 @@ from typing import Any
 
 import aiosqlite
 
+from relay.checkpoint import Checkpointer
 from relay.filters import fts_phrase
 from relay.model import Attempt, Capture, OutboxItem, PlannedForward
 from relay.schema import MIGRATIONS, PRAGMAS, split_statements
@@ -112,6 +113,7 @@ def _open_writer(path: str) -> sqlite3.Connection:
     try:
         _migrate(conn)
         conn.execute("PRAGMA busy_timeout = 0")  # the writer waits for the lock itself (writer._begin)
+        conn.execute("PRAGMA wal_autocheckpoint = 0")  # relay.checkpoint copies the log instead, off the commit path
     except BaseException:
         conn.close()
         raise
@@ -148,6 +150,8 @@ class SqliteStore(SqlReads):
         self._executor = executor
         self._reader = reader
         self.writer = Writer(wconn, executor, commit_timeout, BUSY_TIMEOUT_SECONDS, _mark_duplicates)
+        self._checkpointer = Checkpointer(path, BUSY_TIMEOUT_SECONDS, self.writer.restart_log)
+        self.writer.add_commit_listener(self._checkpointer.committed)
 
     @classmethod
     async def open(cls, path: str | Path, commit_timeout: float = 10.0) -> SqliteStore:
@@ -165,17 +169,23 @@ class SqliteStore(SqlReads):
             raise
         try:
             reader = await aiosqlite.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_SECONDS)
-            await reader.execute("PRAGMA query_only = ON")
         except BaseException:
             await loop.run_in_executor(executor, wconn.close)
             executor.shutdown(wait=False)
             raise
         store = cls(path, wconn, executor, reader, commit_timeout)
+        try:
+            await reader.execute("PRAGMA query_only = ON")
+            await store._checkpointer.start()
+        except BaseException:
+            await store.close()
+            raise
         store.writer.start()
         return store
 
     async def close(self) -> None:
         await self.writer.stop()
+        await self._checkpointer.stop()
         await self._reader.close()
         await asyncio.get_running_loop().run_in_executor(self._executor, self._wconn.close)
         self._executor.shutdown(wait=True)

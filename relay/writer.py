@@ -87,6 +87,14 @@ class Writer:
         self._watchdog: asyncio.Task[None] | None = None
         self._on_commit: list[Callable[[], None]] = []
         self.failing: str | None = None  # the last commit error, until a commit succeeds
+        self._restart_log = False
+
+    def restart_log(self) -> None:
+        """Checkpoint the log's tail before the next transaction, so that SQLite starts the log over.
+
+        See relay.checkpoint: the bulk of the log is copied off the commit path first.
+        """
+        self._restart_log = True
 
     def add_commit_listener(self, listener: Callable[[], None]) -> None:
         self._on_commit.append(listener)
@@ -186,6 +194,9 @@ class Writer:
         first_id: int | None = None
         next_id = 0
         try:
+            if self._restart_log:
+                self._restart_log = False
+                _checkpoint_tail(conn)
             _begin(conn, self.busy_seconds)
             if any(op.with_id for op in batch):
                 # Ids are taken inside the transaction so that rows can be inserted
@@ -281,6 +292,14 @@ def _begin(conn: sqlite3.Connection, busy_seconds: float) -> None:
             if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
                 raise
         time.sleep(BUSY_POLL_SECONDS)
+
+
+def _checkpoint_tail(conn: sqlite3.Connection) -> None:
+    """Copy the last frames of the log, so that the BEGIN that follows starts the log over."""
+    try:
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+    except sqlite3.Error as exc:  # the batch must not fail for it; the next long log asks again
+        log.warning("WAL checkpoint before a commit failed: %s", exc)
 
 
 def _fail(batch: list[WriteOp[Any]], error: BaseException) -> None:

@@ -984,3 +984,56 @@ def test_batches_insert_whole_under_any_variable_limit(tmp_path, limit):
         expected += rows
     assert conn.execute("SELECT n, a, b FROM t ORDER BY rowid").fetchall() == expected
     conn.close()
+
+
+async def test_sqlite_log_starts_over_under_steady_writes(tmp_path, monkeypatch):
+    """Checkpoints run beside the commits (relay/checkpoint.py), never inside one; under writes that
+    never pause the log must still start over, or it grows without bound (a passive checkpoint
+    alone never rewinds it: new commits land while it copies)."""
+    import relay.checkpoint
+
+    monkeypatch.setattr(relay.checkpoint, "INTERVAL_SECONDS", 0.01)
+    monkeypatch.setattr(relay.checkpoint, "RESTART_FRAMES", 64)
+    path = tmp_path / "relay.db"
+    store = await open_store(str(path))
+    body = json.dumps({"output": "x" * 8000}).encode()
+    largest_log = 0
+    try:
+        for round_ in range(150):  # ~1,200 pages a round: 10x the limit in all, with no quiet moment
+            await asyncio.gather(
+                *(store.record_delivery(capture(T0 + round_, body=body), [pending()]) for _ in range(40))
+            )
+            largest_log = max(largest_log, (tmp_path / "relay.db-wal").stat().st_size)
+        assert await store.count_deliveries() == 6000
+    finally:
+        await store.close()
+    written = 6000 * len(body)
+    assert largest_log < written / 5, f"the log reached {largest_log} bytes for {written} written"
+    # Closed: every row is in the database file itself, and the log is gone.
+    assert not (tmp_path / "relay.db-wal").exists()
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{path}?immutable=1", uri=True)
+    assert conn.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0] == 6000
+    conn.close()
+
+
+async def test_sqlite_checkpoints_copy_the_log_while_the_relay_runs(tmp_path):
+    """The database file itself (read here while ignoring the log) catches up soon after a commit."""
+    import sqlite3
+
+    path = tmp_path / "relay.db"
+    store = await open_store(str(path))
+    try:
+        ids = [await store.record_delivery(capture(T0 + i), [pending()]) for i in range(5)]
+
+        def in_file() -> int:
+            conn = sqlite3.connect(f"file:{path}?immutable=1", uri=True)
+            try:
+                return int(conn.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0])
+            finally:
+                conn.close()
+
+        await wait_until(lambda: in_file() == len(ids), timeout=5)
+    finally:
+        await store.close()
