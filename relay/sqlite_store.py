@@ -7,6 +7,7 @@ connection; reads use a second connection, which WAL lets run beside it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import sqlite3
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 __all__ = ["SqliteStore"]
 
 BUSY_TIMEOUT_SECONDS = 5.0
+FTS_MERGE_PAGES = 32  # index segment pages merged after each indexed chunk (schema migration 4 says why)
+WAL_SIZE_LIMIT = 64 * 1024 * 1024  # the log file is cut back to this when it starts over
 
 _INSERT_DELIVERY = """
 INSERT INTO deliveries (id, received_at, source, method, path, query, headers, body, size,
@@ -114,6 +117,7 @@ def _open_writer(path: str) -> sqlite3.Connection:
         _migrate(conn)
         conn.execute("PRAGMA busy_timeout = 0")  # the writer waits for the lock itself (writer._begin)
         conn.execute("PRAGMA wal_autocheckpoint = 0")  # relay.checkpoint copies the log instead, off the commit path
+        conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")  # give the disk back after a burst
     except BaseException:
         conn.close()
         raise
@@ -150,7 +154,7 @@ class SqliteStore(SqlReads):
         self._executor = executor
         self._reader = reader
         self.writer = Writer(wconn, executor, commit_timeout, BUSY_TIMEOUT_SECONDS, _mark_duplicates)
-        self._checkpointer = Checkpointer(path, BUSY_TIMEOUT_SECONDS, self.writer.restart_log)
+        self._checkpointer = Checkpointer(path, self.writer.want_log_restart)
         self.writer.add_commit_listener(self._checkpointer.committed)
 
     @classmethod
@@ -184,11 +188,14 @@ class SqliteStore(SqlReads):
         return store
 
     async def close(self) -> None:
-        await self.writer.stop()
-        await self._checkpointer.stop()
-        await self._reader.close()
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._wconn.close)
-        self._executor.shutdown(wait=True)
+        """Commit what is queued, then close every connection: each step runs even if one before failed."""
+        loop = asyncio.get_running_loop()
+        async with contextlib.AsyncExitStack() as stack:  # (its callbacks run last first)
+            stack.callback(self._executor.shutdown, wait=True)
+            stack.push_async_callback(loop.run_in_executor, self._executor, self._wconn.close)
+            stack.push_async_callback(self._reader.close)
+            stack.push_async_callback(self._checkpointer.stop)
+            await self.writer.stop()
 
     # --- writes -------------------------------------------------------------------
 
@@ -301,6 +308,7 @@ class SqliteStore(SqlReads):
                 (mark, upto),
             )
             conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('fts_indexed', ?)", (str(upto),))
+            conn.execute("INSERT INTO deliveries_fts (deliveries_fts, rank) VALUES ('merge', ?)", (FTS_MERGE_PAGES,))
             return int(upto) - mark
 
         return await self.writer.submit(WriteOp[int](run=run)) or 0
@@ -363,5 +371,7 @@ class SqliteStore(SqlReads):
 
     async def catch_up_index(self) -> None:
         """Index everything committed so far, so a search never misses a stored delivery."""
-        while await self.index_bodies(2000):
+        # 256 a transaction: a search's catch-up shares the writer with ingest, whose commits
+        # queue behind each transaction (~15 ms of tokenising at this size).
+        while await self.index_bodies(256):
             pass

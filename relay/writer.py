@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from relay.checkpoint import wal_checkpoint
 from relay.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -89,12 +90,9 @@ class Writer:
         self.failing: str | None = None  # the last commit error, until a commit succeeds
         self._restart_log = False
 
-    def restart_log(self) -> None:
-        """Checkpoint the log's tail before the next transaction, so that SQLite starts the log over.
-
-        See relay.checkpoint: the bulk of the log is copied off the commit path first.
-        """
-        self._restart_log = True
+    def want_log_restart(self, wanted: bool) -> None:
+        """Whether to rewind the write-ahead log before the next transaction (see relay.checkpoint)."""
+        self._restart_log = wanted
 
     def add_commit_listener(self, listener: Callable[[], None]) -> None:
         self._on_commit.append(listener)
@@ -195,8 +193,8 @@ class Writer:
         next_id = 0
         try:
             if self._restart_log:
-                self._restart_log = False
-                _checkpoint_tail(conn)
+                self._restart_log = False  # one try per request: the checkpointer asks again if need be
+                _restart_log(conn)
             _begin(conn, self.busy_seconds)
             if any(op.with_id for op in batch):
                 # Ids are taken inside the transaction so that rows can be inserted
@@ -294,11 +292,17 @@ def _begin(conn: sqlite3.Connection, busy_seconds: float) -> None:
         time.sleep(BUSY_POLL_SECONDS)
 
 
-def _checkpoint_tail(conn: sqlite3.Connection) -> None:
-    """Copy the last frames of the log, so that the BEGIN that follows starts the log over."""
+def _restart_log(conn: sqlite3.Connection) -> None:
+    """Copy the log's last frames and rewind it, unless a reader or the other writer is in the way.
+
+    Under the write lock, so no commit can slip in between the copy and the rewind
+    (with a passive checkpoint here, the forwarder process's commits did, and the log
+    grew to 190 MB: found in review). The connection's busy timeout is 0: when the
+    database is busy this gives up at once and the checkpointer asks again later.
+    """
     try:
-        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-    except sqlite3.Error as exc:  # the batch must not fail for it; the next long log asks again
+        wal_checkpoint(conn, "RESTART")
+    except sqlite3.Error as exc:  # the batch must not fail for it: its rows do not depend on it
         log.warning("WAL checkpoint before a commit failed: %s", exc)
 
 
