@@ -1,4 +1,4 @@
-"""WAL checkpoints on their own connection, so that no commit waits for a long one.
+"""WAL checkpoints on their own connection and thread, so that no commit waits for one.
 
 By default SQLite checkpoints inside the COMMIT that takes the log past 1,000
 pages: that commit copies every page into the database file and fsyncs it
@@ -9,15 +9,16 @@ runs PASSIVE checkpoints beside them: a passive checkpoint takes no write lock,
 so commits go on while it copies.
 
 A passive checkpoint alone never lets the log start over under steady
-writes: SQLite rewinds the log only when it has all been copied and no other
-connection is using it, and new commits (of this relay or its forwarder
-process) land while the copy runs. So once the log is long and nearly all
-copied, the writer is asked to run a RESTART checkpoint before its next
-transaction (:meth:`relay.writer.Writer.want_log_restart`): it holds the write
-lock, copies the few frames written since, and rewinds the log. It is asked
-again at every batch until the log is short, and never while much is left to
-copy (a reader holding an old snapshot stops passive copying; that copy must
-not land on the commit path).
+writes: SQLite rewinds the log only when a writer begins after every frame
+was copied and while no reader uses the log, and new commits (of this relay
+or its forwarder process) land while the copy runs. So once the log is long
+and nearly all copied, this task runs RESTART checkpoints: each takes the
+write lock, copies the few frames written since and waits for no one (busy
+timeout 0), so the next commit, whoever makes it, starts the log over. The
+write lock is polled for briefly, as the writers poll for it
+(``relay.writer._begin``); a commit waits only for the copy of that short tail.
+A log that is long because a reader held old frames is not restarted until
+the passive copy has caught up, so that copy never happens under the lock.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import Callable
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
@@ -35,7 +36,9 @@ log = logging.getLogger(__name__)
 
 INTERVAL_SECONDS = 0.25  # at most this often; each run copies what the commits since the last one wrote
 RESTART_FRAMES = 4096  # a log this long (16 MB of 4 KB pages) is started over...
-TAIL_FRAMES = 256  # ...once no more than this is left to copy on the commit path
+TAIL_FRAMES = 256  # ...once no more than this is left to copy under the write lock
+RESTART_TRIES = 40  # RESTART attempts per run, ...
+RESTART_POLL_SECONDS = 0.0005  # ...this far apart (the writers hold the lock a few ms at a time)
 
 
 def wal_checkpoint(conn: sqlite3.Connection, mode: Literal["PASSIVE", "RESTART"]) -> tuple[bool, int, int]:
@@ -48,16 +51,29 @@ def wal_checkpoint(conn: sqlite3.Connection, mode: Literal["PASSIVE", "RESTART"]
     return bool(busy), int(frames), int(copied)
 
 
+def checkpoint_and_restart(conn: sqlite3.Connection) -> tuple[bool, int, int]:
+    """Copy the log; when it is long and nearly all copied, start it over. Returns (restarted, frames, copied)."""
+    _blocked, frames, copied = wal_checkpoint(conn, "PASSIVE")
+    if frames < RESTART_FRAMES or frames - copied > TAIL_FRAMES:  # (-1, -1: another checkpoint ran)
+        return False, frames, copied
+    for _ in range(RESTART_TRIES):
+        blocked, frames, copied = wal_checkpoint(conn, "RESTART")
+        if not blocked:
+            return True, frames, copied
+        time.sleep(RESTART_POLL_SECONDS)
+    return False, frames, copied
+
+
 class Checkpointer:
     """Copies the write-ahead log into the database file after commits, off the commit path."""
 
-    def __init__(self, path: str, want_log_restart: Callable[[bool], None]) -> None:
+    def __init__(self, path: str) -> None:
         self._path = path
-        self._want_log_restart = want_log_restart
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-checkpoint")
         self._conn: sqlite3.Connection | None = None
         self._pending = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self.failing: str | None = None  # the last checkpoint error, until one succeeds
 
     async def start(self) -> None:
         self._conn = await asyncio.get_running_loop().run_in_executor(self._executor, self._connect)
@@ -66,9 +82,16 @@ class Checkpointer:
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-        # FULL: the database file is fsynced before SQLite counts frames as copied, so a
-        # log rewound after this checkpoint never held the only copy of a page.
-        conn.execute("PRAGMA synchronous = FULL")
+        try:
+            # 0: a RESTART must never hold the write lock while it waits for readers; this
+            # task polls for the lock itself and tries again at its next run.
+            conn.execute("PRAGMA busy_timeout = 0")
+            # Not the build's default: with synchronous OFF a checkpoint would not fsync the
+            # database file before the log that holds the only other copy is started over.
+            conn.execute("PRAGMA synchronous = FULL")
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     def committed(self) -> None:
@@ -86,22 +109,27 @@ class Checkpointer:
             self._executor.shutdown(wait=True)
 
     async def checkpoint(self) -> tuple[bool, int, int]:
-        """One passive checkpoint (see :func:`wal_checkpoint`)."""
+        """One run (see :func:`checkpoint_and_restart`)."""
         assert self._conn is not None
-        return await asyncio.get_running_loop().run_in_executor(self._executor, wal_checkpoint, self._conn, "PASSIVE")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, checkpoint_and_restart, self._conn)
 
     async def _loop(self) -> None:
         while True:
             await self._pending.wait()
             self._pending.clear()
             try:
-                _blocked, frames, copied = await self.checkpoint()
-            except Exception:
+                await self.checkpoint()
+            except Exception as exc:
                 # Not fatal: the log keeps the data, and grows until a later checkpoint succeeds.
-                log.exception("WAL checkpoint of %s failed (will retry)", self._path)
+                # Said once per failure, not four times a second (a full disk can last).
+                failing = f"{type(exc).__name__}: {exc}"
+                if failing != self.failing:
+                    log.error("WAL checkpoint of %s failed (retrying): %s", self._path, failing)
+                self.failing = failing
             else:
-                if frames >= 0:  # -1: another connection was checkpointing; it reports nothing
-                    self._want_log_restart(frames >= RESTART_FRAMES and frames - copied <= TAIL_FRAMES)
+                if self.failing is not None:
+                    log.info("WAL checkpoints of %s succeed again", self._path)
+                self.failing = None
             await asyncio.sleep(INTERVAL_SECONDS)
 
 

@@ -18,8 +18,9 @@ log = logging.getLogger(__name__)
 
 QUIET_SECONDS = 0.25  # index once ingest has been quiet this long
 MAX_DEFER_SECONDS = 5.0  # ...but never leave new bodies unindexed longer than this
-# ~2 ms of tokenising a transaction: ingest commits queued behind a chunk wait no longer than that
-# (500-row chunks held the write lock ~30 ms and set the p99 latency at 500 webhooks/s).
+# A few ms a transaction (tokenising and a merge step of as many pages): ingest commits queued
+# behind a chunk wait no longer than that (500-row chunks held the write lock ~30 ms and set the
+# p99 latency at 500 webhooks/s).
 CHUNK = 32
 
 
@@ -66,5 +67,6 @@ class Indexer:
                     continue  # (our own commits wake us once more; nothing to do then)
                 while await self._store.index_bodies(CHUNK) == CHUNK:
                     await asyncio.sleep(0)  # let ingest batches interleave with the chunks
+                await self._store.tidy_index()
             except StoreUnavailable as exc:
                 log.error("full-text indexing paused: %s", exc)

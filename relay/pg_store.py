@@ -532,6 +532,9 @@ class PgStore(SqlReads):
     async def unindexed(self) -> int:
         return 0
 
+    async def tidy_index(self) -> None:
+        """The GIN index needs no merging from here (PostgreSQL's autovacuum cleans it)."""
+
     async def catch_up_index(self) -> None:
         """Bodies are indexed as they are stored; nothing to catch up."""
 

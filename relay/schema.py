@@ -101,14 +101,6 @@ MIGRATIONS: tuple[str, ...] = (
         INSERT INTO deliveries_fts (deliveries_fts, rowid, body) VALUES ('delete', old.id, CAST(old.body AS TEXT));
     END;
     """,
-    # 4: merge the full-text index's segments in small steps instead of all at once. With
-    # automerge, one index transaction in a few dozen merged whole levels and held the write
-    # lock 20-30 ms (p99 of 32-row chunks, measured; ingest commits queue behind it); instead
-    # each chunk merges up to relay.sqlite_store.FTS_MERGE_PAGES pages (p99 4.5 ms, same total work).
-    # 'crisismerge' still merges a level that reaches 16 segments.
-    """
-    INSERT INTO deliveries_fts (deliveries_fts, rank) VALUES ('automerge', 0);
-    """,
 )
 
 PRAGMAS = (

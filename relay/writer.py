@@ -26,7 +26,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from relay.checkpoint import wal_checkpoint
 from relay.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -88,11 +87,6 @@ class Writer:
         self._watchdog: asyncio.Task[None] | None = None
         self._on_commit: list[Callable[[], None]] = []
         self.failing: str | None = None  # the last commit error, until a commit succeeds
-        self._restart_log = False
-
-    def want_log_restart(self, wanted: bool) -> None:
-        """Whether to rewind the write-ahead log before the next transaction (see relay.checkpoint)."""
-        self._restart_log = wanted
 
     def add_commit_listener(self, listener: Callable[[], None]) -> None:
         self._on_commit.append(listener)
@@ -105,11 +99,13 @@ class Writer:
         """Commit what is queued, then stop."""
         if self._task is None:
             return
-        await self._queue.join()
-        await cancel_and_wait(self._watchdog)
-        self._watchdog = None
-        await cancel_and_wait(self._task)
-        self._task = None
+        try:
+            await self._queue.join()
+        finally:  # cancelled or not, the tasks end here (the store closes the connection next)
+            await cancel_and_wait(self._watchdog)
+            self._watchdog = None
+            await cancel_and_wait(self._task)
+            self._task = None
 
     def enqueue(self, op: WriteOp[T]) -> asyncio.Future[T | None]:
         """Queue an op; the returned future resolves once its transaction is committed."""
@@ -192,9 +188,6 @@ class Writer:
         first_id: int | None = None
         next_id = 0
         try:
-            if self._restart_log:
-                self._restart_log = False  # one try per request: the checkpointer asks again if need be
-                _restart_log(conn)
             _begin(conn, self.busy_seconds)
             if any(op.with_id for op in batch):
                 # Ids are taken inside the transaction so that rows can be inserted
@@ -290,20 +283,6 @@ def _begin(conn: sqlite3.Connection, busy_seconds: float) -> None:
             if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
                 raise
         time.sleep(BUSY_POLL_SECONDS)
-
-
-def _restart_log(conn: sqlite3.Connection) -> None:
-    """Copy the log's last frames and rewind it, unless a reader or the other writer is in the way.
-
-    Under the write lock, so no commit can slip in between the copy and the rewind
-    (with a passive checkpoint here, the forwarder process's commits did, and the log
-    grew to 190 MB: found in review). The connection's busy timeout is 0: when the
-    database is busy this gives up at once and the checkpointer asks again later.
-    """
-    try:
-        wal_checkpoint(conn, "RESTART")
-    except sqlite3.Error as exc:  # the batch must not fail for it: its rows do not depend on it
-        log.warning("WAL checkpoint before a commit failed: %s", exc)
 
 
 def _fail(batch: list[WriteOp[Any]], error: BaseException) -> None:

@@ -1,0 +1,88 @@
+"""Print a results file of bench/run.py as the Markdown the README's Performance section shows.
+
+So that the README's figures are copied by a program, not by hand:
+``python3 bench/table.py [bench/results/latest.json]``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+TARGETS = (
+    ("ceiling", "ceiling (bare aiohttp)"),
+    ("relay", "relay (SQLite)"),
+    ("ingest_only", "relay, no upstream (ingest alone)"),
+    ("peer", "peer (mitmdump -w)"),
+    ("pg1", "relay on PostgreSQL, 1 relay"),
+    ("pg3", "relay on PostgreSQL, 3 relays"),
+)
+
+
+def fmt(value: float | None, spec: str = ",.0f") -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def rounds(samples: dict[str, list[float]], key: str, spec: str = ".1f") -> str:
+    return ", ".join(fmt(v, spec) for v in samples.get(key, [])) or "—"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m: dict[str, float | None] = result["medians"]
+    s: dict[str, list[float]] = result["samples"]
+    get = m.get
+    lines = [
+        "| target | req/s (64 conns) | p50 ms | p99 ms | p50 ms @ ~500 req/s | p99 ms @ ~500 req/s | errors |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for key, label in TARGETS:
+        if get(f"{key}.rps") is None:
+            continue
+        lines.append(
+            f"| {label} | {fmt(get(f'{key}.rps'))} | {fmt(get(f'{key}.p50_ms'), '.1f')} | "
+            f"{fmt(get(f'{key}.p99_ms'), '.1f')} | {fmt(get(f'{key}.moderate_p50_ms'), '.1f')} | "
+            f"{fmt(get(f'{key}.moderate_p99_ms'), '.1f')} | {fmt(get(f'{key}.errors'))} |"
+        )
+    machine = result["machine"]
+    lines += [
+        "",
+        f"Machine: {machine['cpus']} CPUs ({machine['processor']}), Python {machine['python']}, "
+        f"{machine['platform']}; {result['settings']['rounds']} rounds of "
+        f"{result['settings']['seconds']:g} s, medians.",
+        "",
+        f"* Per round: ceiling req/s {rounds(s, 'ceiling.rps', ',.0f')}; relay req/s {rounds(s, 'relay.rps', ',.0f')}; "
+        f"relay p99 at ~500 req/s {rounds(s, 'relay.moderate_p99_ms')} ms; "
+        f"mitmdump req/s {rounds(s, 'peer.rps', ',.0f')}.",
+        f"* relay / ceiling **{fmt(get('relay/ceiling'), '.2f')}**; "
+        f"relay / mitmdump **{fmt(get('relay/peer'), '.1f')}×**.",
+        f"* Forwarding at saturation: **{fmt(get('relay.drain_rate'))} deliveries/s** reached the sink against an "
+        f"ingest of **{fmt(get('relay.ingest_rate'))}/s**. PostgreSQL: {fmt(get('pg1.drain_rate'))}/s against "
+        f"{fmt(get('pg1.ingest_rate'))}/s with one relay, {fmt(get('pg3.drain_rate'))}/s against "
+        f"{fmt(get('pg3.ingest_rate'))}/s with three.",
+        f"* Peak RSS **{fmt(get('relay.rss_mb'))} MB** for the relay's two processes together "
+        f"(PostgreSQL: {fmt(get('pg1.rss_mb'))} MB per relay); "
+        f"**{fmt((get('relay.db_bytes_per_1000') or 0) / 1e6, '.1f')} MB of database per 1,000 deliveries** with "
+        f"SQLite, {fmt((get('pg1.db_bytes_per_1000') or 0) / 1e6, '.1f')} MB with PostgreSQL.",
+        f"* On a database of **{result['settings']['rows']:,} deliveries**, through the HTTP API: list page "
+        f"**{fmt(get('query.list_ms'), '.1f')} ms**, filtered list {fmt(get('query.filter_ms'), '.1f')} ms, "
+        f"full-text search **{fmt(get('query.fts_ms'), '.1f')} ms**, the HTML list page "
+        f"{fmt(get('query.page_ms'), '.1f')} ms.",
+        f"* CPU per delivery at saturation (ingest and forwarding): relay main process "
+        f"**{fmt(get('relay.cpu_us.relay'))} µs**, forwarder process **{fmt(get('relay.cpu_us.forwarder'))} µs**, "
+        f"sink {fmt(get('relay.cpu_us.sink'))} µs, wrk {fmt(get('relay.cpu_us.wrk'))} µs. Per request of the "
+        f"ceiling: the server {fmt(get('ceiling.cpu_us.server'))} µs, wrk {fmt(get('ceiling.cpu_us.wrk'))} µs. "
+        f"With no upstream: the relay {fmt(get('ingest_only.cpu_us.relay'))} µs, "
+        f"wrk {fmt(get('ingest_only.cpu_us.wrk'))} µs per request.",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    path = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "results" / "latest.json"
+    print(markdown(json.loads(path.read_text())))
+
+
+if __name__ == "__main__":
+    main()
