@@ -126,6 +126,7 @@ class Checkpointer:
                 if failing != self.failing:
                     log.error("WAL checkpoint of %s failed (retrying): %s", self._path, failing)
                 self.failing = failing
+                self._pending.set()  # again after the pause, commits or not (a relay gone quiet too)
             else:
                 if self.failing is not None:
                     log.info("WAL checkpoints of %s succeed again", self._path)

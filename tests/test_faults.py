@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import sqlite3
 import subprocess
@@ -173,6 +174,50 @@ async def test_full_disk_answers_503_keeps_acknowledged_rows_and_recovers_withou
     rows = stored_bodies(db)
     assert all(rows[i] == b for i, b in acknowledged.items())
     assert integrity(db) == "ok"
+
+
+async def test_checkpoints_refused_by_a_full_disk_resume_when_space_returns(tmpfs, relay_factory, http, caplog):
+    """The log is copied into the database file beside the commits (relay/checkpoint.py). A full disk
+    refuses that copy too: the relay says so, and once there is space again the copy completes by
+    itself, with no new delivery to prompt it, so the database file alone holds everything acknowledged."""
+    caplog.set_level(logging.INFO, logger="relay.checkpoint")
+    disk = tmpfs("4m")
+    filler = disk / "filler"
+    filler.write_bytes(b"\0" * (2 * 1024 * 1024))  # room, once freed, for the copy beside the log
+    db = disk / "relay.db"
+    relay = await relay_factory(make_config(str(db), relay={"commit_timeout_seconds": 5}))
+    base = relay.bound.ingest_url
+    acknowledged: set[int] = set()
+    refusals = 0
+    for n in range(2000):
+        status, answer, _ = await post(http, base, body_of(n, 8000))
+        if status == 200:
+            acknowledged.add(int(answer["delivery"]))  # type: ignore[call-overload]
+        else:
+            refusals += 1
+            if refusals >= 5:
+                break
+    assert refusals >= 5 and len(acknowledged) > 20
+
+    def said(text: str) -> bool:
+        return any(text in r.getMessage() for r in caplog.records if r.name == "relay.checkpoint")
+
+    await wait_until(lambda: said("failed (retrying)"), timeout=10)
+
+    def in_file() -> set[int]:
+        try:  # the database file itself, ignoring the log
+            conn = sqlite3.connect(f"file:{db}?immutable=1", uri=True)
+            try:
+                return {row[0] for row in conn.execute("SELECT id FROM deliveries")}
+            finally:
+                conn.close()
+        except sqlite3.DatabaseError:  # a page caught mid-copy
+            return set()
+
+    assert not acknowledged <= in_file()  # the copy had not completed while the disk was full
+    filler.unlink()
+    await wait_until(lambda: acknowledged <= in_file(), timeout=15)
+    assert said("succeed again")
 
 
 # --- writes refused while running --------------------------------------------------------------
