@@ -25,6 +25,10 @@ def fmt(value: float | None, spec: str = ",.0f") -> str:
     return "—" if value is None else format(value, spec)
 
 
+def megabytes(value: float | None) -> float | None:
+    return None if value is None else value / 1e6
+
+
 def rounds(samples: dict[str, list[float]], key: str, spec: str = ".1f") -> str:
     return ", ".join(fmt(v, spec) for v in samples.get(key, [])) or "—"
 
@@ -63,8 +67,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"{fmt(get('pg3.ingest_rate'))}/s with three.",
         f"* Peak RSS **{fmt(get('relay.rss_mb'))} MB** for the relay's two processes together "
         f"(PostgreSQL: {fmt(get('pg1.rss_mb'))} MB per relay); "
-        f"**{fmt((get('relay.db_bytes_per_1000') or 0) / 1e6, '.1f')} MB of database per 1,000 deliveries** with "
-        f"SQLite, {fmt((get('pg1.db_bytes_per_1000') or 0) / 1e6, '.1f')} MB with PostgreSQL.",
+        f"**{fmt(megabytes(get('relay.db_bytes_per_1000')), '.1f')} MB of database per 1,000 deliveries** with "
+        f"SQLite, {fmt(megabytes(get('pg1.db_bytes_per_1000')), '.1f')} MB with PostgreSQL.",
         f"* On a database of **{result['settings']['rows']:,} deliveries**, through the HTTP API: list page "
         f"**{fmt(get('query.list_ms'), '.1f')} ms**, filtered list {fmt(get('query.filter_ms'), '.1f')} ms, "
         f"full-text search **{fmt(get('query.fts_ms'), '.1f')} ms**, the HTML list page "

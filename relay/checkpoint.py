@@ -118,7 +118,7 @@ class Checkpointer:
             await self._pending.wait()
             self._pending.clear()
             try:
-                await self.checkpoint()
+                _restarted, frames, _copied = await self.checkpoint()
             except Exception as exc:
                 # Not fatal: the log keeps the data, and grows until a later checkpoint succeeds.
                 # Said once per failure, not four times a second (a full disk can last).
@@ -128,9 +128,12 @@ class Checkpointer:
                 self.failing = failing
                 self._pending.set()  # again after the pause, commits or not (a relay gone quiet too)
             else:
-                if self.failing is not None:
-                    log.info("WAL checkpoints of %s succeed again", self._path)
-                self.failing = None
+                if frames < 0:  # the other process's checkpointer was copying: it decides nothing
+                    self._pending.set()
+                else:
+                    if self.failing is not None:
+                        log.info("WAL checkpoints of %s succeed again", self._path)
+                    self.failing = None
             await asyncio.sleep(INTERVAL_SECONDS)
 
 

@@ -181,6 +181,7 @@ async def test_checkpoints_refused_by_a_full_disk_resume_when_space_returns(tmpf
     refuses that copy too: the relay says so, and once there is space again the copy completes by
     itself, with no new delivery to prompt it, so the database file alone holds everything acknowledged."""
     caplog.set_level(logging.INFO, logger="relay.checkpoint")
+    caplog.set_level(logging.INFO, logger="relay.indexer")
     disk = tmpfs("4m")
     filler = disk / "filler"
     filler.write_bytes(b"\0" * (2 * 1024 * 1024))  # room, once freed, for the copy beside the log
@@ -199,10 +200,13 @@ async def test_checkpoints_refused_by_a_full_disk_resume_when_space_returns(tmpf
                 break
     assert refusals >= 5 and len(acknowledged) > 20
 
-    def said(text: str) -> bool:
-        return any(text in r.getMessage() for r in caplog.records if r.name == "relay.checkpoint")
+    def said(text: str, by: str = "relay.checkpoint") -> bool:
+        return any(text in r.getMessage() for r in caplog.records if r.name == by)
 
     await wait_until(lambda: said("failed (retrying)"), timeout=10)
+    # The indexer's commits, refused too, would otherwise prompt a checkpoint once space returns:
+    # after this nothing commits, and only the checkpointer's own retry can finish the copy.
+    await wait_until(lambda: said("full-text indexing paused", by="relay.indexer"), timeout=10)
 
     def in_file() -> set[int]:
         try:  # the database file itself, ignoring the log
