@@ -31,14 +31,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 from relay.tasks import cancel_and_wait
+from relay.writer import BUSY_POLL_SECONDS
 
 log = logging.getLogger(__name__)
 
 INTERVAL_SECONDS = 0.25  # at most this often; each run copies what the commits since the last one wrote
 RESTART_FRAMES = 4096  # a log this long (16 MB of 4 KB pages) is started over...
 TAIL_FRAMES = 256  # ...once no more than this is left to copy under the write lock
-RESTART_TRIES = 40  # RESTART attempts per run, ...
-RESTART_POLL_SECONDS = 0.0005  # ...this far apart (the writers hold the lock a few ms at a time)
+RESTART_TRIES = 40  # RESTART attempts per run, BUSY_POLL_SECONDS apart, as the writers poll for the lock
 
 
 def wal_checkpoint(conn: sqlite3.Connection, mode: Literal["PASSIVE", "RESTART"]) -> tuple[bool, int, int]:
@@ -51,17 +51,20 @@ def wal_checkpoint(conn: sqlite3.Connection, mode: Literal["PASSIVE", "RESTART"]
     return bool(busy), int(frames), int(copied)
 
 
-def checkpoint_and_restart(conn: sqlite3.Connection) -> tuple[bool, int, int]:
-    """Copy the log; when it is long and nearly all copied, start it over. Returns (restarted, frames, copied)."""
+def checkpoint_and_restart(conn: sqlite3.Connection) -> int:
+    """Copy the log; when it is long and nearly all copied, start it over.
+
+    Returns the log's length in frames as the passive copy found it; -1 when
+    another connection's checkpoint was running (nothing was decided then).
+    """
     _blocked, frames, copied = wal_checkpoint(conn, "PASSIVE")
-    if frames < RESTART_FRAMES or frames - copied > TAIL_FRAMES:  # (-1, -1: another checkpoint ran)
-        return False, frames, copied
+    if frames < RESTART_FRAMES or frames - copied > TAIL_FRAMES:
+        return frames
     for _ in range(RESTART_TRIES):
-        blocked, frames, copied = wal_checkpoint(conn, "RESTART")
-        if not blocked:
-            return True, frames, copied
-        time.sleep(RESTART_POLL_SECONDS)
-    return False, frames, copied
+        if not wal_checkpoint(conn, "RESTART")[0]:
+            break
+        time.sleep(BUSY_POLL_SECONDS)
+    return frames
 
 
 class Checkpointer:
@@ -108,7 +111,7 @@ class Checkpointer:
                 await asyncio.get_running_loop().run_in_executor(self._executor, conn.close)
             self._executor.shutdown(wait=True)
 
-    async def checkpoint(self) -> tuple[bool, int, int]:
+    async def checkpoint(self) -> int:
         """One run (see :func:`checkpoint_and_restart`)."""
         assert self._conn is not None
         return await asyncio.get_running_loop().run_in_executor(self._executor, checkpoint_and_restart, self._conn)
@@ -118,7 +121,7 @@ class Checkpointer:
             await self._pending.wait()
             self._pending.clear()
             try:
-                _restarted, frames, _copied = await self.checkpoint()
+                frames = await self.checkpoint()
             except Exception as exc:
                 # Not fatal: the log keeps the data, and grows until a later checkpoint succeeds.
                 # Said once per failure, not four times a second (a full disk can last).
@@ -130,9 +133,8 @@ class Checkpointer:
             else:
                 if frames < 0:  # the other process's checkpointer was copying: it decides nothing
                     self._pending.set()
-                else:
-                    if self.failing is not None:
-                        log.info("WAL checkpoints of %s succeed again", self._path)
+                elif self.failing is not None:
+                    log.info("WAL checkpoints of %s succeed again", self._path)
                     self.failing = None
             await asyncio.sleep(INTERVAL_SECONDS)
 
