@@ -41,6 +41,7 @@ from relay.lifecycle import encode, prediction_lifecycle  # noqa: E402
 from relay.verify import decode_secret, sign  # noqa: E402
 
 from proctree import child_pids, forwarder_pids  # noqa: E402
+from table import markdown  # noqa: E402
 
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
@@ -593,43 +594,8 @@ def report(samples: Samples, rounds: int, seconds: float, rows: int, quick: bool
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / ("quick.json" if quick else "latest.json")
     out.write_text(json.dumps(result, indent=2))
-    fmt = lambda v, spec=".0f": "—" if v is None else format(v, spec)  # noqa: E731
     print()
-    print(f"{'target':10} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'@500 p50':>9} {'@500 p99':>9} {'errors':>7}")
-    for name in ("ceiling", "relay", "peer", "pg1", "pg3"):
-        print(
-            f"{name:10} {fmt(m(name + '.rps')):>8} {fmt(m(name + '.p50_ms'), '.1f'):>7} "
-            f"{fmt(m(name + '.p99_ms'), '.1f'):>7} {fmt(m(name + '.moderate_p50_ms'), '.1f'):>9} "
-            f"{fmt(m(name + '.moderate_p99_ms'), '.1f'):>9} {fmt(m(name + '.errors')):>7}"
-        )
-    print()
-    print(f"relay/ceiling {fmt(figures['relay/ceiling'], '.2f')}   relay/peer {fmt(figures['relay/peer'], '.2f')}")
-    print(
-        f"relay ingest {fmt(m('relay.ingest_rate'))}/s, forwarding drain {fmt(m('relay.drain_rate'))}/s, "
-        f"peak RSS {fmt(m('relay.rss_mb'), '.0f')} MB, {fmt(m('relay.db_bytes_per_1000'), ',.0f')} DB bytes/1000"
-    )
-    for name, label in (("pg1", "PostgreSQL, 1 relay"), ("pg3", "PostgreSQL, 3 relays")):
-        print(
-            f"{label}: ingest {fmt(m(name + '.ingest_rate'))}/s, drain {fmt(m(name + '.drain_rate'))}/s, "
-            f"peak RSS per relay {fmt(m(name + '.rss_mb'))} MB, "
-            f"{fmt(m(name + '.db_bytes_per_1000'), ',.0f')} DB bytes/1000"
-        )
-    print(f"pg3/pg1 {fmt(figures['pg3/pg1'], '.2f')}")
-    print(
-        f"relay with no upstream (ingest alone): {fmt(m('ingest_only.rps'))} req/s, "
-        f"p99 {fmt(m('ingest_only.p99_ms'), '.1f')} ms, {fmt(m('ingest_only.cpu_us.relay'))} us of relay CPU "
-        f"and {fmt(m('ingest_only.cpu_us.wrk'))} us of wrk per request, errors {fmt(m('ingest_only.errors'))}"
-    )
-    print(
-        f"CPU per delivery at saturation (ingest and forwarding): relay {fmt(m('relay.cpu_us.relay'))} us, "
-        f"forwarder process {fmt(m('relay.cpu_us.forwarder'))} us, sink {fmt(m('relay.cpu_us.sink'))} us, "
-        f"wrk {fmt(m('relay.cpu_us.wrk'))} us; per ceiling request: server {fmt(m('ceiling.cpu_us.server'))} us, "
-        f"wrk {fmt(m('ceiling.cpu_us.wrk'))} us"
-    )
-    print(
-        f"{rows} deliveries: list {fmt(m('query.list_ms'), '.1f')} ms, filter {fmt(m('query.filter_ms'), '.1f')} ms, "
-        f"full text {fmt(m('query.fts_ms'), '.1f')} ms, list page HTML {fmt(m('query.page_ms'), '.1f')} ms"
-    )
+    print(markdown(result))  # the same text the README shows (bench/table.py)
     print(f"written to {out}")
 
 
