@@ -270,6 +270,22 @@ def remove_database(db: Path) -> None:
         stale.unlink()
 
 
+def reset_sink(sink: str) -> None:
+    urllib.request.urlopen(urllib.request.Request(sink + "/reset", method="POST"), timeout=5).close()
+
+
+def stored_span(db: Path) -> tuple[int, float, float, int]:
+    """(deliveries stored, first and last ``received_at``, outbox rows to forward) of a SQLite database."""
+    conn = sqlite3.connect(db)
+    try:
+        span = "SELECT COUNT(*), MIN(received_at), MAX(received_at) FROM deliveries"
+        stored, first, last = conn.execute(span).fetchone()
+        to_forward = conn.execute("SELECT COUNT(*) FROM outbox WHERE state != 'skipped'").fetchone()[0]
+    finally:
+        conn.close()
+    return stored, first, last, to_forward
+
+
 def db_bytes_per_thousand(db: Path) -> float:
     conn = sqlite3.connect(db)
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -303,7 +319,7 @@ def run_round(
         # relay
         refresh()  # signatures older than the 300 s tolerance would be refused (400), not stored
         remove_database(work / "relay.db")
-        urllib.request.urlopen(urllib.request.Request(sink + "/reset", method="POST"), timeout=5).close()
+        reset_sink(sink)
         ingest, ui = free_port(), free_port()
         url = f"http://127.0.0.1:{ingest}/webhooks/replicate"
         with relay_process(work, relay_config(work, ingest, ui, sink_port), ingest) as proc:
@@ -312,12 +328,7 @@ def run_round(
             parts = {"relay": proc.pid, "forwarder": forwarder_pids(proc.pid)[0], "sink": sink_proc.pid}
             with cpu_meter(parts) as used:
                 saturated = wrk(url, requests_file, seconds, 64)
-                db = sqlite3.connect(work / "relay.db")
-                stored, first, last = db.execute(
-                    "SELECT COUNT(*), MIN(received_at), MAX(received_at) FROM deliveries"
-                ).fetchone()
-                to_forward = db.execute("SELECT COUNT(*) FROM outbox WHERE state != 'skipped'").fetchone()[0]
-                db.close()
+                stored, first, last, to_forward = stored_span(work / "relay.db")
                 drain(samples, "relay", sink, stored, to_forward, first, last)
             record_cpu(samples, "relay", used, stored)
             refresh()  # new webhooks: repeats of the ones above would be duplicates, stored but not forwarded
@@ -333,12 +344,21 @@ def run_round(
             with cpu_meter({"relay": proc.pid}) as used:
                 alone = wrk(f"http://127.0.0.1:{ingest}/webhooks/replicate", requests_file, seconds, 64)
             record_cpu(samples, "ingest_only", used, alone.requests)
-            samples.add("ingest_only.rps", alone.rps)
-            samples.add("ingest_only.p99_ms", alone.p99_ms)
-            samples.add("ingest_only.errors", alone.errors)
-            print(
-                f"  ingest only {alone.rps:5.0f} req/s  p99 {alone.p99_ms:6.1f} ms | errors {alone.errors}", flush=True
-            )
+            record(samples, "ingest_only", alone)
+        # the floor: the least a durable verify-store-forward program must do (bench/floor.py), same sink and load
+        refresh()
+        remove_database(work / "floor.db")
+        reset_sink(sink)
+        port = free_port()
+        args = [sys.executable, str(BENCH / "floor.py"), str(port), str(sink_port), str(work / "floor.db")]
+        with process(args, f"http://127.0.0.1:{port}/healthz", log=work / "floor.log") as floor:
+            parts = {"ingest": floor.pid, "forwarder": forwarder_pids(floor.pid)[0], "sink": sink_proc.pid}
+            with cpu_meter(parts) as used:
+                saturated = wrk(f"http://127.0.0.1:{port}/webhooks/replicate", requests_file, seconds, 64)
+                stored, first, last, to_forward = stored_span(work / "floor.db")
+                drain(samples, "floor", sink, stored, to_forward, first, last)
+            record_cpu(samples, "floor", used, stored)
+            record(samples, "floor", saturated)
         # peer: mitmdump as a reverse proxy writing flows to a file, in front of the same sink
         if mitmdump is not None:
             port = free_port()
@@ -444,20 +464,20 @@ def drain(samples: Samples, name: str, sink: str, stored: int, to_forward: int, 
     )
 
 
-def record(samples: Samples, name: str, saturated: WrkResult, moderate: WrkResult) -> None:
+def record(samples: Samples, name: str, saturated: WrkResult, moderate: WrkResult | None = None) -> None:
+    """A target's figures at saturation (64 connections) and, when measured, at the moderate rate."""
+    errors = saturated.errors + (moderate.errors if moderate else 0)
     samples.add(f"{name}.rps", saturated.rps)
     samples.add(f"{name}.p50_ms", saturated.p50_ms)
     samples.add(f"{name}.p99_ms", saturated.p99_ms)
-    samples.add(f"{name}.errors", saturated.errors + moderate.errors)
-    samples.add(f"{name}.moderate_rps", moderate.rps)
-    samples.add(f"{name}.moderate_p50_ms", moderate.p50_ms)
-    samples.add(f"{name}.moderate_p99_ms", moderate.p99_ms)
-    print(
-        f"  {name:8} {saturated.rps:9.0f} req/s  p99 {saturated.p99_ms:6.1f} ms | "
-        f"moderate {moderate.rps:5.0f} req/s p99 {moderate.p99_ms:5.1f} ms | "
-        f"errors {saturated.errors + moderate.errors}",
-        flush=True,
-    )
+    samples.add(f"{name}.errors", errors)
+    line = f"  {name:11} {saturated.rps:9.0f} req/s  p99 {saturated.p99_ms:6.1f} ms | "
+    if moderate is not None:
+        samples.add(f"{name}.moderate_rps", moderate.rps)
+        samples.add(f"{name}.moderate_p50_ms", moderate.p50_ms)
+        samples.add(f"{name}.moderate_p99_ms", moderate.p99_ms)
+        line += f"moderate {moderate.rps:5.0f} req/s p99 {moderate.p99_ms:5.1f} ms | "
+    print(line + f"errors {errors}", flush=True)
 
 
 async def query_latency(work: Path, rows: int, samples: Samples) -> None:
@@ -572,6 +592,8 @@ def report(samples: Samples, rounds: int, seconds: float, rows: int, quick: bool
     ratio = lambda a, b: (a / b) if a and b else None  # noqa: E731
     figures["relay/ceiling"] = ratio(m("relay.rps"), m("ceiling.rps"))
     figures["relay/peer"] = ratio(m("relay.rps"), m("peer.rps"))
+    figures["floor/ceiling"] = ratio(m("floor.rps"), m("ceiling.rps"))
+    figures["relay/floor"] = ratio(m("relay.rps"), m("floor.rps"))
     figures["pg3/pg1"] = ratio(m("pg3.rps"), m("pg1.rps"))
     result = {
         "machine": {

@@ -13,6 +13,7 @@ from typing import Any
 
 TARGETS = (
     ("ceiling", "ceiling (bare aiohttp)"),
+    ("floor", "floor (verify, store, forward, nothing else)"),
     ("relay", "relay (SQLite)"),
     ("ingest_only", "relay, no upstream (ingest alone)"),
     ("peer", "peer (mitmdump -w)"),
@@ -61,6 +62,12 @@ def markdown(result: dict[str, Any]) -> str:
         f"mitmdump req/s {rounds(s, 'peer.rps', ',.0f')}.",
         f"* relay / ceiling **{fmt(get('relay/ceiling'), '.2f')}**; "
         f"relay / mitmdump **{fmt(get('relay/peer'), '.1f')}×**.",
+        f"* The floor (`bench/floor.py`) reaches **{fmt(get('floor/ceiling'), '.2f')}** of the ceiling, forwarding "
+        f"{fmt(get('floor.drain_rate'))}/s against an ingest of {fmt(get('floor.ingest_rate'))}/s, at "
+        f"{fmt(get('floor.cpu_us.ingest'))} µs (ingest process) + {fmt(get('floor.cpu_us.forwarder'))} µs "
+        f"(forwarder) + {fmt(get('floor.cpu_us.sink'))} µs (sink) + {fmt(get('floor.cpu_us.wrk'))} µs (wrk) of CPU "
+        f"per delivery; the relay reaches **{fmt(get('relay/floor'), '.2f')}** of the floor "
+        f"(per round: floor req/s {rounds(s, 'floor.rps', ',.0f')}).",
         f"* Forwarding at saturation: **{fmt(get('relay.drain_rate'))} deliveries/s** reached the sink against an "
         f"ingest of **{fmt(get('relay.ingest_rate'))}/s**. PostgreSQL: {fmt(get('pg1.drain_rate'))}/s against "
         f"{fmt(get('pg1.ingest_rate'))}/s with one relay, {fmt(get('pg3.drain_rate'))}/s against "
