@@ -458,6 +458,9 @@ def drain(samples: Samples, name: str, sink: str, stored: int, to_forward: int, 
         print(f"  {name}: only {seen['count']} of {to_forward} deliveries reached the sink within 300 s", flush=True)
     samples.add(f"{name}.ingest_rate", stored / (last - first))
     samples.add(f"{name}.drain_rate", seen["count"] / (seen["last"] - first))
+    # How long after the last delivery was stored the last one reached the sink: near zero
+    # when forwarding kept pace with ingest throughout, the backlog's drain time when it did not.
+    samples.add(f"{name}.drain_lag_s", seen["last"] - last)
     print(
         f"  {name} stored {stored} in {last - first:.1f} s, forwarded {seen['count']} by {seen['last'] - first:.1f} s",
         flush=True,

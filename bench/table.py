@@ -87,7 +87,44 @@ def markdown(result: dict[str, Any]) -> str:
         f"With no upstream: the relay {fmt(get('ingest_only.cpu_us.relay'))} µs, "
         f"wrk {fmt(get('ingest_only.cpu_us.wrk'))} µs per request.",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + ["", *targets(result)])
+
+
+def judged(ok: bool | None, quick: bool) -> str:
+    if quick:
+        return "not judged (quick run)"
+    return "not measured" if ok is None else ("**met**" if ok else "**not met**")
+
+
+def at_most(value: float | None, limit: float) -> bool | None:
+    return None if value is None else value <= limit
+
+
+def targets(result: dict[str, Any]) -> list[str]:
+    """Issue 5's targets against this file's medians, judged here so that no verdict is typed by hand."""
+    m: dict[str, float | None] = result["medians"]
+    s: dict[str, list[float]] = result["samples"]
+    quick = bool(result["settings"]["quick"])
+    rows = result["settings"]["rows"]
+    ceiling, peer = m.get("relay/ceiling"), m.get("relay/peer")
+    p99 = m.get("relay.moderate_p99_ms")
+    lags = s.get("relay.drain_lag_s", [])
+    listing, search = m.get("query.list_ms"), m.get("query.fts_ms")
+    at_scale = None if listing is None or search is None else (rows >= 100_000 and listing <= 50 and search <= 50)
+    return [
+        "Against the targets of issue 5 (judged by `bench/table.py` from the same file):",
+        "",
+        f"* Ingest ≥ 50 % of the ceiling: {judged(None if ceiling is None else ceiling >= 0.5, quick)} "
+        f"({fmt(ceiling, '.2f')}; the floor {fmt(m.get('floor/ceiling'), '.2f')}).",
+        f"* Ingest ≥ 3× mitmdump: {judged(None if peer is None else peer >= 3, quick)} ({fmt(peer, '.1f')}×).",
+        f"* p99 ≤ 20 ms at ~500 req/s while the forwarder drains: {judged(at_most(p99, 20), quick)} "
+        f"({fmt(p99, '.1f')} ms; rounds {rounds(s, 'relay.moderate_p99_ms')}).",
+        f"* Forwarding drains at least as fast as ingest: {judged(at_most(max(lags, default=None), 1.0), quick)} "
+        f"({fmt(m.get('relay.drain_rate'))}/s against {fmt(m.get('relay.ingest_rate'))}/s; the last delivery "
+        f"reached the sink {rounds(s, 'relay.drain_lag_s', '.2f')} s after the last one was stored, per round).",
+        f"* List page and full-text search ≤ 50 ms at 100,000 deliveries: {judged(at_scale, quick)} "
+        f"({fmt(listing, '.1f')} and {fmt(search, '.1f')} ms at {rows:,}).",
+    ]
 
 
 def main() -> None:
