@@ -1,16 +1,19 @@
 """Print a results file of bench/run.py as the Markdown the README's Performance section shows.
 
 So that the README's figures are copied by a program, not by hand:
-``python3 bench/table.py [bench/results/latest.json]``.
+``python3 bench/table.py [bench/results/latest.json]`` prints it, and with
+``--readme`` writes it between the README's ``bench:begin`` and ``bench:end`` markers.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
+BEGIN = "<!-- bench:begin (written by python3 bench/table.py --readme) -->"
+END = "<!-- bench:end -->"
 TARGETS = (
     ("ceiling", "ceiling (bare aiohttp)"),
     ("floor", "floor (verify, store, forward, nothing else)"),
@@ -127,9 +130,26 @@ def targets(result: dict[str, Any]) -> list[str]:
     ]
 
 
+def write_into(readme: Path, text: str) -> None:
+    """Replace what lies between the README's two markers with ``text``."""
+    content = readme.read_text()
+    head, begin, rest = content.partition(BEGIN)
+    _, end, tail = rest.partition(END)
+    if not begin or not end:
+        raise SystemExit(f"{readme} has no {BEGIN} ... {END} block")
+    readme.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+
+
 def main() -> None:
-    path = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "results" / "latest.json"
-    print(markdown(json.loads(path.read_text())))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", nargs="?", type=Path, default=Path(__file__).parent / "results" / "latest.json")
+    parser.add_argument("--readme", action="store_true", help="write the text into README.md's Performance section")
+    args = parser.parse_args()
+    text = markdown(json.loads(args.results.read_text()))
+    if args.readme:
+        write_into(Path(__file__).resolve().parent.parent / "README.md", text)
+    else:
+        print(text)
 
 
 if __name__ == "__main__":
