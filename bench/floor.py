@@ -15,12 +15,17 @@ It does exactly what every webhook needs, in the cheapest way we know:
   each to the sink over 32 keep-alive connections, and record an attempt and
   the outbox state per row, one transaction per batch.
 
-Everything the relay does besides is left out: the full-text index, duplicate
-detection, retry policy, response capture, limits and deadlines, metrics, live
-events, the UI. So the relay can only be slower; the gap between the two is
+It commits the way the relay does (``relay.writer``: the write lock polled for,
+multi-row INSERTs; ``relay.checkpoint``: the log copied off the commit path).
+Everything else the relay does is left out: the full-text index, duplicate
+detection, the timestamp tolerance, refusing bad signatures (it forwards them
+too), retries and their policy, per-prediction ordering, response capture,
+limits and deadlines, metrics, live events, the UI. It keeps the relay's
+schema, list indexes included. So the relay can only be slower; the gap is
 what those features and the relay's structure cost. The floor is a measuring
-instrument, not a relay: it trusts its input, has no error handling, and gives
-ids from memory (one process). Hand-written for that reason; no library does it.
+instrument, not a relay: it trusts its input, a failed commit answers 500 and
+nothing is retried, and ids come from memory (one ingest process).
+Hand-written for that reason; no library does it.
 """
 
 from __future__ import annotations
@@ -31,10 +36,11 @@ import hashlib
 import hmac
 import json
 import multiprocessing
+import os
 import sqlite3
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -42,23 +48,33 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from aiohttp import web  # noqa: E402
 
+from relay.checkpoint import Checkpointer  # noqa: E402
 from relay.runtime import event_loop_factory  # noqa: E402
 from relay.schema import MIGRATIONS, PRAGMAS, split_statements  # noqa: E402
+from relay.sqlite_store import WAL_SIZE_LIMIT  # noqa: E402
 from relay.verify import decode_secret  # noqa: E402
+from relay.writer import begin_immediate, execute_rows  # noqa: E402
+
+CHECKPOINTER = web.AppKey("checkpointer", Checkpointer)
+Waiting = tuple[tuple[Any, ...], asyncio.Future[None]]  # a delivery's row and its request's wait for the commit
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # bench/run.py signs with this
 KEY = decode_secret(SECRET)
 CONNECTIONS = 32
 BATCH = 256
-ROWS_PER_INSERT = 32
-DELIVERY_COLUMNS = (
-    "id, received_at, source, method, path, query, headers, body, size, body_sha256, body_format, peer, "
-    "verdict, verdict_detail, webhook_id, prediction_id, status, model, version, kind"
+BUSY_SECONDS = 5.0
+INSERT_DELIVERY = (
+    "INSERT INTO deliveries (id, received_at, source, method, path, query, headers, body, size, body_sha256, "
+    "body_format, peer, verdict, verdict_detail, webhook_id, prediction_id, status, model, version, kind) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-OUTBOX_COLUMNS = "delivery_id, upstream, state, attempts, next_attempt_at, updated_at"
-ATTEMPT_COLUMNS = (
-    "delivery_id, upstream, kind, target, started_at, duration_ms, status, response_headers, response_body, "
-    "response_truncated, outcome, request_headers"
+INSERT_OUTBOX = (
+    "INSERT INTO outbox (delivery_id, upstream, state, attempts, next_attempt_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)"
+)
+SETTLE_OUTBOX = "UPDATE outbox SET state = ?, attempts = 1, updated_at = ? WHERE id = ?"
+INSERT_ATTEMPT = (
+    "INSERT INTO attempts (delivery_id, upstream, kind, target, started_at, duration_ms, status, response_headers, "
+    "response_body, response_truncated, outcome, request_headers) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -66,8 +82,22 @@ def connect(path: str) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     for pragma in PRAGMAS:  # WAL, synchronous = FULL: the relay's durability
         conn.execute(pragma)
-    conn.execute("PRAGMA busy_timeout = 5000")
+    conn.execute("PRAGMA busy_timeout = 0")  # begin_immediate polls for the lock, as the relay's writers do
+    conn.execute("PRAGMA wal_autocheckpoint = 0")  # the Checkpointer copies the log
+    conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
     return conn
+
+
+def transaction(conn: sqlite3.Connection, statements: Sequence[tuple[str, Sequence[Sequence[Any]]]]) -> None:
+    """One transaction, as the relay's writer runs a batch: rolled back whole if any part fails."""
+    begin_immediate(conn, BUSY_SECONDS)
+    try:
+        for sql, rows in statements:
+            execute_rows(conn, sql, rows)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 def create(path: str) -> None:
@@ -81,23 +111,15 @@ def create(path: str) -> None:
     conn.close()
 
 
-def insert(conn: sqlite3.Connection, table: str, columns: str, rows: Sequence[tuple[Any, ...]]) -> None:
-    """Multi-row INSERTs: one SQLite call per 32 rows (binding row by row costs the GIL each time)."""
-    one = "(" + ",".join("?" * len(rows[0])) + ")"
-    for start in range(0, len(rows), ROWS_PER_INSERT):
-        chunk = rows[start : start + ROWS_PER_INSERT]
-        sql = f"INSERT INTO {table} ({columns}) VALUES " + ",".join([one] * len(chunk))
-        conn.execute(sql, [value for row in chunk for value in row])
-
-
 class Ingest:
     """Group commit: requests that arrive while a transaction commits go into the next one."""
 
-    def __init__(self, path: str, forwarding: bool) -> None:
+    def __init__(self, path: str, forwarding: bool, checkpointer: Checkpointer) -> None:
         self.conn = connect(path)
+        self.checkpointer = checkpointer
         self.thread = ThreadPoolExecutor(1)
         self.forwarding = forwarding
-        self.pending: list[tuple[tuple[Any, ...], asyncio.Future[None]]] = []
+        self.pending: list[Waiting] = []
         self.committing = False
         self.next_id = 1
 
@@ -145,23 +167,26 @@ class Ingest:
         first, self.next_id = self.next_id, self.next_id + len(batch)
         rows = [(first + i, *row) for i, (row, _) in enumerate(batch)]
         future = asyncio.get_running_loop().run_in_executor(self.thread, self.commit, rows)
-        future.add_done_callback(lambda _: self.committed(batch))
+        future.add_done_callback(lambda result: self.committed(batch, result))
 
-    def committed(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[None]]]) -> None:
+    def committed(self, batch: list[Waiting], result: asyncio.Future[None]) -> None:
+        error = result.exception()
         for _, done in batch:
-            done.set_result(None)
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)  # the handler raises: aiohttp answers 500
         self.committing = False
+        self.checkpointer.committed()
         if self.pending:
             self.commit_pending()
 
     def commit(self, rows: list[tuple[Any, ...]]) -> None:
-        conn = self.conn
-        conn.execute("BEGIN IMMEDIATE")
-        insert(conn, "deliveries", DELIVERY_COLUMNS, rows)
+        statements: list[tuple[str, Sequence[Sequence[Any]]]] = [(INSERT_DELIVERY, rows)]
         if self.forwarding:
             now = time.time()
-            insert(conn, "outbox", OUTBOX_COLUMNS, [(row[0], "app", "pending", 0, now, now) for row in rows])
-        conn.execute("COMMIT")
+            statements.append((INSERT_OUTBOX, [(row[0], "app", "pending", 0, now, now) for row in rows]))
+        transaction(self.conn, statements)
 
 
 class Upstream(asyncio.Protocol):
@@ -174,6 +199,10 @@ class Upstream(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.answer is not None and not self.answer.done():
+            self.answer.set_exception(ConnectionError("the sink closed the connection"))
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -197,12 +226,12 @@ class Upstream(asyncio.Protocol):
         return self.answer
 
 
-async def forward(path: str, sink_port: int) -> None:
+async def forward(path: str, sink_port: int, parent: int) -> None:
     conn = connect(path)
     loop = asyncio.get_running_loop()
     upstreams = [(await loop.create_connection(Upstream, "127.0.0.1", sink_port))[1] for _ in range(CONNECTIONS)]
     after = 0
-    while True:
+    while os.getppid() == parent:  # the ingest process is gone (even by SIGKILL): stop, do not poll on
         rows = conn.execute(
             "SELECT o.id, o.delivery_id, d.headers, d.body FROM outbox o JOIN deliveries d ON d.id = o.delivery_id "
             "WHERE o.id > ? AND o.state = 'pending' ORDER BY o.id LIMIT ?",
@@ -212,7 +241,8 @@ async def forward(path: str, sink_port: int) -> None:
             await asyncio.sleep(0.002)  # polling: the cheapest wake-up there is for a floor
             continue
         after = rows[-1][0]
-        attempts = []
+        attempts: list[tuple[Any, ...]] = []
+        settled: list[tuple[Any, ...]] = []
         for start in range(0, len(rows), CONNECTIONS):
             chunk = rows[start : start + CONNECTIONS]
             started = time.time()
@@ -226,35 +256,41 @@ async def forward(path: str, sink_port: int) -> None:
                 answers.append(upstream.send(head.encode() + body))
             statuses = await asyncio.gather(*answers)
             took = (time.time() - started) * 1000
-            for (_, delivery_id, _, _), status in zip(chunk, statuses, strict=True):
+            for (outbox_id, delivery_id, _, _), status in zip(chunk, statuses, strict=True):
+                outcome = "delivered" if 200 <= status < 300 else "failed"
                 attempts.append(
-                    (delivery_id, "app", "forward", "sink", started, took, status, "[]", b"", 0, "delivered", "[]")
+                    (delivery_id, "app", "forward", "sink", started, took, status, "[]", b"", 0, outcome, "[]")
                 )
-        conn.execute("BEGIN IMMEDIATE")
-        insert(conn, "attempts", ATTEMPT_COLUMNS, attempts)
-        ids = [row[0] for row in rows]
-        marks = ",".join("?" * len(ids))
-        sql = f"UPDATE outbox SET state = 'delivered', attempts = 1, updated_at = ? WHERE id IN ({marks})"
-        conn.execute(sql, [time.time(), *ids])
-        conn.execute("COMMIT")
+                settled.append((outcome, time.time(), outbox_id))
+        transaction(conn, [(INSERT_ATTEMPT, attempts), (SETTLE_OUTBOX, settled)])
 
 
-def forwarder_main(path: str, sink_port: int) -> None:
+def forwarder_main(path: str, sink_port: int, parent: int) -> None:
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-        runner.run(forward(path, sink_port))
+        runner.run(forward(path, sink_port, parent))
 
 
 async def healthz(request: web.Request) -> web.Response:
     return web.Response(text="ok")
 
 
+async def checkpoints(app: web.Application) -> AsyncIterator[None]:
+    await app[CHECKPOINTER].start()
+    yield
+    await app[CHECKPOINTER].stop()
+
+
 def main() -> None:
     port, sink_port, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     create(path)
     if sink_port:
-        multiprocessing.get_context("spawn").Process(target=forwarder_main, args=(path, sink_port), daemon=True).start()
-    ingest = Ingest(path, forwarding=bool(sink_port))
+        args = (path, sink_port, os.getpid())
+        multiprocessing.get_context("spawn").Process(target=forwarder_main, args=args, daemon=True).start()
+    checkpointer = Checkpointer(path)
+    ingest = Ingest(path, bool(sink_port), checkpointer)
     app = web.Application()
+    app[CHECKPOINTER] = checkpointer
+    app.cleanup_ctx.append(checkpoints)
     app.router.add_post("/webhooks/replicate", ingest.handle)
     app.router.add_get("/healthz", healthz)
     factory = event_loop_factory()  # uvloop, as the relay uses

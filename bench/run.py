@@ -228,6 +228,13 @@ class Samples:
         found = self.values.get(key)
         return statistics.median(found) if found else None
 
+    def ratio(self, key: str, of: str) -> float | None:
+        """The median of the per-round ratios: each round's pair ran minutes apart, on the machine as it was then."""
+        tops, bottoms = self.values.get(key, []), self.values.get(of, [])
+        if not tops or len(tops) != len(bottoms) or not all(bottoms):
+            return None
+        return statistics.median(top / bottom for top, bottom in zip(tops, bottoms, strict=True))
+
 
 def relay_config(
     work: Path, ingest: int, ui: int, sink: int | None, database: str | None = None, name: str = "relay"
@@ -274,12 +281,29 @@ def reset_sink(sink: str) -> None:
     urllib.request.urlopen(urllib.request.Request(sink + "/reset", method="POST"), timeout=5).close()
 
 
+def forwarder_pid(pid: int) -> int:
+    found = forwarder_pids(pid)
+    if not found:
+        raise RuntimeError(f"process {pid} has no forwarder process (see its log)")
+    return found[0]
+
+
 def stored_span(db: Path) -> tuple[int, float, float, int]:
-    """(deliveries stored, first and last ``received_at``, outbox rows to forward) of a SQLite database."""
+    """(deliveries stored, first and last ``received_at``, outbox rows to forward) of a SQLite database.
+
+    Read once the count holds still: when wrk exits, the requests it had in flight may still be committing.
+    """
     conn = sqlite3.connect(db)
     try:
         span = "SELECT COUNT(*), MIN(received_at), MAX(received_at) FROM deliveries"
         stored, first, last = conn.execute(span).fetchone()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            again = conn.execute(span).fetchone()
+            if again[0] == stored:
+                break
+            stored, first, last = again
         to_forward = conn.execute("SELECT COUNT(*) FROM outbox WHERE state != 'skipped'").fetchone()[0]
     finally:
         conn.close()
@@ -310,10 +334,13 @@ def run_round(
         sink = f"http://127.0.0.1:{sink_port}"
         # ceiling
         port = free_port()
-        with process([sys.executable, str(BENCH / "ceiling.py"), str(port)], f"http://127.0.0.1:{port}/") as server:
-            url = f"http://127.0.0.1:{port}/webhooks/replicate"
+        ceiling = f"http://127.0.0.1:{port}"
+        with process([sys.executable, str(BENCH / "ceiling.py"), str(port)], ceiling + "/count") as server:
+            url = ceiling + "/webhooks/replicate"
             with cpu_meter({"server": server.pid}) as used:
                 saturated = wrk(url, requests_file, seconds, 64)
+            seen = get_json(ceiling + "/count")
+            samples.add("ceiling.ingest_rate", seen["count"] / (seen["last"] - seen["first"]))
             record_cpu(samples, "ceiling", used, saturated.requests)
             record(samples, "ceiling", saturated, wrk(url, requests_file, seconds, 10, 20))
         # relay
@@ -325,7 +352,7 @@ def run_round(
         with relay_process(work, relay_config(work, ingest, ui, sink_port), ingest) as proc:
             # CPU from the first request until every delivery has reached the sink: all the work
             # the stored deliveries cost, ingest and forwarding, in each process on these cores.
-            parts = {"relay": proc.pid, "forwarder": forwarder_pids(proc.pid)[0], "sink": sink_proc.pid}
+            parts = {"relay": proc.pid, "forwarder": forwarder_pid(proc.pid), "sink": sink_proc.pid}
             with cpu_meter(parts) as used:
                 saturated = wrk(url, requests_file, seconds, 64)
                 stored, first, last, to_forward = stored_span(work / "relay.db")
@@ -352,7 +379,7 @@ def run_round(
         port = free_port()
         args = [sys.executable, str(BENCH / "floor.py"), str(port), str(sink_port), str(work / "floor.db")]
         with process(args, f"http://127.0.0.1:{port}/healthz", log=work / "floor.log") as floor:
-            parts = {"ingest": floor.pid, "forwarder": forwarder_pids(floor.pid)[0], "sink": sink_proc.pid}
+            parts = {"ingest": floor.pid, "forwarder": forwarder_pid(floor.pid), "sink": sink_proc.pid}
             with cpu_meter(parts) as used:
                 saturated = wrk(f"http://127.0.0.1:{port}/webhooks/replicate", requests_file, seconds, 64)
                 stored, first, last, to_forward = stored_span(work / "floor.db")
@@ -457,10 +484,12 @@ def drain(samples: Samples, name: str, sink: str, stored: int, to_forward: int, 
     if seen["count"] < to_forward:
         print(f"  {name}: only {seen['count']} of {to_forward} deliveries reached the sink within 300 s", flush=True)
     samples.add(f"{name}.ingest_rate", stored / (last - first))
-    samples.add(f"{name}.drain_rate", seen["count"] / (seen["last"] - first))
-    # How long after the last delivery was stored the last one reached the sink: near zero
-    # when forwarding kept pace with ingest throughout, the backlog's drain time when it did not.
-    samples.add(f"{name}.drain_lag_s", seen["last"] - last)
+    samples.add(f"{name}.undelivered", max(to_forward - seen["count"], 0))
+    if seen["count"]:
+        samples.add(f"{name}.drain_rate", seen["count"] / (seen["last"] - first))
+        # How long after the last delivery was stored the last one reached the sink: near zero
+        # when forwarding kept pace with ingest throughout, the backlog's drain time when it did not.
+        samples.add(f"{name}.drain_lag_s", seen["last"] - last)
     print(
         f"  {name} stored {stored} in {last - first:.1f} s, forwarded {seen['count']} by {seen['last'] - first:.1f} s",
         flush=True,
@@ -592,12 +621,13 @@ def main() -> None:
 def report(samples: Samples, rounds: int, seconds: float, rows: int, quick: bool) -> None:
     m = samples.median
     figures = {k: m(k) for k in samples.values}
-    ratio = lambda a, b: (a / b) if a and b else None  # noqa: E731
-    figures["relay/ceiling"] = ratio(m("relay.rps"), m("ceiling.rps"))
-    figures["relay/peer"] = ratio(m("relay.rps"), m("peer.rps"))
-    figures["floor/ceiling"] = ratio(m("floor.rps"), m("ceiling.rps"))
-    figures["relay/floor"] = ratio(m("relay.rps"), m("floor.rps"))
-    figures["pg3/pg1"] = ratio(m("pg3.rps"), m("pg1.rps"))
+    # Against the ceiling and the floor: rates on each server's own clock (first to last request
+    # received), which wrk's Requests/sec overstates by starting its clock after its first thread.
+    figures["relay/ceiling"] = samples.ratio("relay.ingest_rate", "ceiling.ingest_rate")
+    figures["floor/ceiling"] = samples.ratio("floor.ingest_rate", "ceiling.ingest_rate")
+    figures["relay/floor"] = samples.ratio("relay.ingest_rate", "floor.ingest_rate")
+    figures["relay/peer"] = samples.ratio("relay.rps", "peer.rps")  # mitmdump has no clock of its own to read
+    figures["pg3/pg1"] = samples.ratio("pg3.rps", "pg1.rps")
     result = {
         "machine": {
             "cpus": os.cpu_count(),

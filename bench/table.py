@@ -63,8 +63,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"* Per round: ceiling req/s {rounds(s, 'ceiling.rps', ',.0f')}; relay req/s {rounds(s, 'relay.rps', ',.0f')}; "
         f"relay p99 at ~500 req/s {rounds(s, 'relay.moderate_p99_ms')} ms; "
         f"mitmdump req/s {rounds(s, 'peer.rps', ',.0f')}.",
-        f"* relay / ceiling **{fmt(get('relay/ceiling'), '.2f')}**; "
-        f"relay / mitmdump **{fmt(get('relay/peer'), '.1f')}×**.",
+        f"* relay / ceiling **{fmt(get('relay/ceiling'), '.2f')}** (ingest on each server's own clock: "
+        f"{fmt(get('relay.ingest_rate'))} against {fmt(get('ceiling.ingest_rate'))}/s; ratios are medians of the "
+        f"rounds' ratios); relay / mitmdump **{fmt(get('relay/peer'), '.1f')}×** (wrk's figures).",
         f"* The floor (`bench/floor.py`) reaches **{fmt(get('floor/ceiling'), '.2f')}** of the ceiling, forwarding "
         f"{fmt(get('floor.drain_rate'))}/s against an ingest of {fmt(get('floor.ingest_rate'))}/s, at "
         f"{fmt(get('floor.cpu_us.ingest'))} µs (ingest process) + {fmt(get('floor.cpu_us.forwarder'))} µs "
@@ -112,19 +113,27 @@ def targets(result: dict[str, Any]) -> list[str]:
     ceiling, peer = m.get("relay/ceiling"), m.get("relay/peer")
     p99 = m.get("relay.moderate_p99_ms")
     lags = s.get("relay.drain_lag_s", [])
+    # Kept pace: every delivery reached the sink, the last within 2 % of a run's length of the last one stored.
+    lag_limit = max(0.2, 0.02 * result["settings"]["seconds"])
+    undelivered = s.get("relay.undelivered", [])
+    kept_pace = None if not lags else (max(lags) <= lag_limit and not any(undelivered))
     listing, search = m.get("query.list_ms"), m.get("query.fts_ms")
-    at_scale = None if listing is None or search is None else (rows >= 100_000 and listing <= 50 and search <= 50)
+    at_scale = None
+    if listing is not None and search is not None and rows >= 100_000:
+        at_scale = listing <= 50 and search <= 50
     return [
         "Against the targets of issue 5 (judged by `bench/table.py` from the same file):",
         "",
         f"* Ingest ≥ 50 % of the ceiling: {judged(None if ceiling is None else ceiling >= 0.5, quick)} "
-        f"({fmt(ceiling, '.2f')}; the floor {fmt(m.get('floor/ceiling'), '.2f')}).",
+        f"({fmt(ceiling, '.2f')}; the floor {fmt(m.get('floor/ceiling'), '.2f')}; on the servers' own clocks).",
         f"* Ingest ≥ 3× mitmdump: {judged(None if peer is None else peer >= 3, quick)} ({fmt(peer, '.1f')}×).",
         f"* p99 ≤ 20 ms at ~500 req/s while the forwarder drains: {judged(at_most(p99, 20), quick)} "
         f"({fmt(p99, '.1f')} ms; rounds {rounds(s, 'relay.moderate_p99_ms')}).",
-        f"* Forwarding drains at least as fast as ingest: {judged(at_most(max(lags, default=None), 1.0), quick)} "
+        f"* Forwarding drains at least as fast as ingest: {judged(kept_pace, quick)} "
         f"({fmt(m.get('relay.drain_rate'))}/s against {fmt(m.get('relay.ingest_rate'))}/s; the last delivery "
-        f"reached the sink {rounds(s, 'relay.drain_lag_s', '.2f')} s after the last one was stored, per round).",
+        f"reached the sink {rounds(s, 'relay.drain_lag_s', '.2f')} s after the last one was stored, per round "
+        f"(at most {lag_limit:g} s allowed); deliveries that never arrived: "
+        f"{rounds(s, 'relay.undelivered', ',.0f')}).",
         f"* List page and full-text search ≤ 50 ms at 100,000 deliveries: {judged(at_scale, quick)} "
         f"({fmt(listing, '.1f')} and {fmt(search, '.1f')} ms at {rows:,}).",
     ]

@@ -16,7 +16,7 @@ and nearly all copied, this task runs RESTART checkpoints: each takes the
 write lock, copies the few frames written since and waits for no one (busy
 timeout 0), so the next commit, whoever makes it, starts the log over. The
 write lock is polled for briefly, as the writers poll for it
-(``relay.writer._begin``); a commit waits only for the copy of that short tail.
+(``relay.writer.begin_immediate``); a commit waits only for the copy of that short tail.
 A log that is long because a reader held old frames is not restarted until
 the passive copy has caught up, so that copy never happens under the lock.
 """

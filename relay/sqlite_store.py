@@ -124,7 +124,7 @@ def _open_writer(path: str) -> sqlite3.Connection:
         # not a migration, so that an older relay can still open the file.
         if conn.execute("SELECT v FROM deliveries_fts_config WHERE k = 'automerge'").fetchone() != (0,):
             conn.execute("INSERT INTO deliveries_fts (deliveries_fts, rank) VALUES ('automerge', 0)")
-        conn.execute("PRAGMA busy_timeout = 0")  # the writer waits for the lock itself (writer._begin)
+        conn.execute("PRAGMA busy_timeout = 0")  # the writer waits for the lock itself (writer.begin_immediate)
         conn.execute("PRAGMA wal_autocheckpoint = 0")  # relay.checkpoint copies the log instead, off the commit path
         conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")  # give the disk back after a burst
     except BaseException:

@@ -188,7 +188,7 @@ class Writer:
         first_id: int | None = None
         next_id = 0
         try:
-            _begin(conn, self.busy_seconds)
+            begin_immediate(conn, self.busy_seconds)
             if any(op.with_id for op in batch):
                 # Ids are taken inside the transaction so that rows can be inserted
                 # many at once and still be known to the caller.
@@ -265,7 +265,7 @@ def execute_rows(conn: sqlite3.Connection, sql: str, params_list: Sequence[Seque
         start += size
 
 
-def _begin(conn: sqlite3.Connection, busy_seconds: float) -> None:
+def begin_immediate(conn: sqlite3.Connection, busy_seconds: float) -> None:
     """BEGIN IMMEDIATE, waiting for the other writer (the forwarder process) in short steps.
 
     SQLite's own busy handler sleeps 1, 2, 5, 10... up to 100 ms between tries: with
