@@ -1,6 +1,6 @@
 """Benchmark: the relay against a bare aiohttp ceiling and mitmdump, under the same wrk load.
 
-    python3 bench/run.py            # full run (several rounds, medians), about 10 minutes
+    python3 bench/run.py            # full run (three rounds, medians), about 20 minutes
     python3 bench/run.py --quick    # a few seconds per target, what CI runs so it cannot rot
 
 Every figure printed is measured in this run; results go to bench/results/.
