@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import re
 import tomllib
 from pathlib import Path
@@ -59,3 +61,15 @@ def test_every_api_route_is_documented():
         if route.method == "HEAD":
             continue
         assert f"`{route.method} {path}" in README, f"{route.method} {path} is not in the README's API table"
+
+
+def test_the_readme_performance_figures_are_the_latest_benchmark_results():
+    # Every figure there is measured: a hand edit, or a benchmark run not written in with
+    # `python3 bench/table.py --readme`, shows here as a difference.
+    spec = importlib.util.spec_from_file_location("bench_table", ROOT / "bench" / "table.py")
+    assert spec is not None and spec.loader is not None
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    results = json.loads((ROOT / "bench" / "results" / "latest.json").read_text())
+    block = README.partition(table.BEGIN)[2].partition(table.END)[0]
+    assert block.strip() == table.markdown(results).strip()
