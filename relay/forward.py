@@ -9,6 +9,7 @@ process from sending the same row twice at once.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import random
 from collections.abc import Callable
@@ -53,6 +54,10 @@ class Forwarder:
         self._concurrency = concurrency
         self._rand = rand
         self._upstreams = tuple(u.name for u in config.upstreams)
+        # Each upstream's share of the slots: one that hangs (up to its timeout) must not
+        # take them all and hold back the others' deliveries. One upstream has them all.
+        self._share = max(1, concurrency // max(1, len(self._upstreams)))
+        self._busy: collections.Counter[str] = collections.Counter()  # attempts in flight per upstream
         self._inflight: dict[int, asyncio.Task[None]] = {}
         # Rows whose attempt finished while a due-query was running: that query's answer
         # may predate the attempt's commit, so they must not be taken from it again.
@@ -90,14 +95,7 @@ class Forwarder:
                 free = self._concurrency - len(self._inflight)
                 if free >= refill or (free > 0 and not self._inflight):
                     self._finished_since_query.clear()
-                    busy = set(self._inflight)
-                    items = await self._store.due_outbox(now, self._upstreams, free, exclude=busy)
-                    for item in items:
-                        if item.outbox_id in self._inflight or item.outbox_id in self._finished_since_query:
-                            continue  # finished while the query ran: its answer may predate that commit
-                        task = asyncio.create_task(self._attempt(item), name=f"relay-forward-{item.outbox_id}")
-                        self._inflight[item.outbox_id] = task
-                    if len(items) < free:  # nothing else due now: sleep until the next retry is
+                    if not await self._take_due(now, free):  # nothing else due now: sleep until the next retry is
                         next_due = await self._store.next_due_after(now, self._upstreams)
             except StoreUnavailable as exc:
                 log.error("forwarder cannot read the outbox: %s", exc)
@@ -114,6 +112,36 @@ class Forwarder:
             except TimeoutError:
                 pass
 
+    async def _take_due(self, now: float, free: int) -> bool:
+        """Start attempts for due rows, within each upstream's share of ``free`` slots.
+
+        Returns whether more rows may be due now (a look filled the room it had), so the
+        caller only computes the next retry time when everything due was taken. With one
+        upstream this is a single look, as before shares existed.
+        """
+        rooms = {u: min(free, self._share - self._busy[u]) for u in self._upstreams}
+        rooms = {u: room for u, room in rooms.items() if room > 0}
+        if not rooms:
+            return True  # every upstream is at its share: look again when an attempt finishes
+        if len(rooms) == len(self._upstreams) and all(room == free for room in rooms.values()):
+            looks = [(self._upstreams, free)]  # nobody is near its share: one look over all
+        else:
+            looks = [((u,), room) for u, room in rooms.items()]
+        more = False
+        for upstreams, room in looks:
+            room = min(room, self._concurrency - len(self._inflight))
+            if room <= 0:
+                return True
+            items = await self._store.due_outbox(now, upstreams, room, exclude=set(self._inflight))
+            more = more or len(items) >= room
+            for item in items:
+                if item.outbox_id in self._inflight or item.outbox_id in self._finished_since_query:
+                    continue  # finished while the query ran: its answer may predate that commit
+                self._busy[item.upstream] += 1
+                task = asyncio.create_task(self._attempt(item), name=f"relay-forward-{item.outbox_id}")
+                self._inflight[item.outbox_id] = task
+        return more
+
     async def _attempt(self, item: OutboxItem) -> None:
         try:
             await self._attempt_once(item)
@@ -126,6 +154,7 @@ class Forwarder:
             log.exception("delivery %s to %s: forwarding failed unexpectedly", item.delivery_id, item.upstream)
             await asyncio.sleep(STORE_RETRY_SECONDS)
         finally:
+            self._busy[item.upstream] -= 1
             self._inflight.pop(item.outbox_id, None)
             self._finished_since_query.add(item.outbox_id)
             self.wake()

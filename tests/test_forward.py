@@ -457,6 +457,36 @@ async def test_ordered_upstream_gets_each_predictions_events_in_ingest_order(
         assert [a.status for a in fw.attempts] == [500, 500, 200]
 
 
+async def test_a_hanging_upstream_does_not_hold_back_another_upstreams_deliveries(
+    relay_factory, upstream_factory, http, database
+):
+    # up0 never answers while the test runs; up1 answers at once. Without a share of the
+    # attempt slots per upstream, up0's hung attempts take all 64 and up1 waits for its timeout.
+    release = asyncio.Event()
+
+    async def hang(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response(status=200)
+
+    stuck = await upstream_factory(then=hang)
+    healthy = await upstream_factory(then=200)
+    relay = await relay_factory(
+        make_config(database, upstreams=[{"url": stuck.url, "timeout_seconds": 30}, {"url": healthy.url}])
+    )
+    try:
+        ids = []
+        for i in range(100):
+            body = lifecycle_bodies(f"predshare{i}")[-1]
+            ids.append(await ingest(http, relay, body, signed(body)))
+        await wait_until(lambda: len(healthy.received) >= len(ids), timeout=10.0)
+        assert sorted(relay_id(r) for r in healthy.received) == ids
+        # up0 got no more than its share of the slots, and its rows wait their turn, not lost.
+        assert 0 < len(stuck.received) <= 32
+        assert (await forwarding(relay, ids[-1], "up0")).state == "pending"
+    finally:
+        release.set()  # let the hung attempts finish so the relay stops promptly
+
+
 async def test_unordered_upstream_does_not_hold_later_events_back(relay_factory, upstream_factory, http, database):
     release = asyncio.Event()
     upstream = PredictionAwareUpstream(lambda pred, status, tries: status == "starting" and not release.is_set())
