@@ -57,8 +57,8 @@ class Forwarder:
         # Each upstream's share of the slots: one that hangs (up to its timeout) must not
         # take them all and hold back the others' deliveries. One upstream has them all.
         self._share = max(1, concurrency // max(1, len(self._upstreams)))
-        self._busy: collections.Counter[str] = collections.Counter()  # attempts in flight per upstream
-        self._inflight: dict[int, asyncio.Task[None]] = {}
+        self._turn = 0  # which upstream looks first (they take turns; matters only past 64 upstreams)
+        self._inflight: dict[int, tuple[str, asyncio.Task[None]]] = {}  # outbox id -> (upstream, attempt)
         # Rows whose attempt finished while a due-query was running: that query's answer
         # may predate the attempt's commit, so they must not be taken from it again.
         self._finished_since_query: set[int] = set()
@@ -80,13 +80,14 @@ class Forwarder:
         await cancel_and_wait(self._task)
         self._task = None
         if self._inflight:
-            await asyncio.gather(*self._inflight.values(), return_exceptions=True)
+            await asyncio.gather(*(task for _, task in self._inflight.values()), return_exceptions=True)
 
     async def _loop(self) -> None:
         # Under load every finished attempt wakes this loop. Looking for due rows each time cost
         # two queries per delivery (a third of a core, profiled); with attempts in flight, wait
-        # until a batch of slots is free. An idle forwarder still looks at once.
-        refill = max(1, self._concurrency // REFILL_DIVISOR)
+        # until a batch of slots is free (no more than an upstream's share, so an idle upstream is
+        # looked for even while the others fill theirs). An idle forwarder still looks at once.
+        refill = max(1, min(self._concurrency // REFILL_DIVISOR, self._share))
         while not self._stopping:
             self._wakeup.clear()
             now = self._clock()
@@ -95,8 +96,9 @@ class Forwarder:
                 free = self._concurrency - len(self._inflight)
                 if free >= refill or (free > 0 and not self._inflight):
                     self._finished_since_query.clear()
-                    if not await self._take_due(now, free):  # nothing else due now: sleep until the next retry is
-                        next_due = await self._store.next_due_after(now, self._upstreams)
+                    short = await self._take_due(now)
+                    if short:  # nothing else of theirs is due now: sleep until their next retry is
+                        next_due = await self._store.next_due_after(now, short)
             except StoreUnavailable as exc:
                 log.error("forwarder cannot read the outbox: %s", exc)
                 next_due = now + STORE_RETRY_SECONDS
@@ -112,35 +114,31 @@ class Forwarder:
             except TimeoutError:
                 pass
 
-    async def _take_due(self, now: float, free: int) -> bool:
-        """Start attempts for due rows, within each upstream's share of ``free`` slots.
+    async def _take_due(self, now: float) -> tuple[str, ...]:
+        """Start attempts for due rows, each upstream within its share of the slots.
 
-        Returns whether more rows may be due now (a look filled the room it had), so the
-        caller only computes the next retry time when everything due was taken. With one
-        upstream this is a single look, as before shares existed.
+        Returns the upstreams whose look found less than it had room for: nothing else of
+        theirs is due now, so the caller sleeps until their next retry. Every other upstream
+        has attempts in flight, and each one that finishes wakes the loop to look again.
+        (With one upstream: one look with every free slot, as before shares existed.)
         """
-        rooms = {u: min(free, self._share - self._busy[u]) for u in self._upstreams}
-        rooms = {u: room for u, room in rooms.items() if room > 0}
-        if not rooms:
-            return True  # every upstream is at its share: look again when an attempt finishes
-        if len(rooms) == len(self._upstreams) and all(room == free for room in rooms.values()):
-            looks = [(self._upstreams, free)]  # nobody is near its share: one look over all
-        else:
-            looks = [((u,), room) for u, room in rooms.items()]
-        more = False
-        for upstreams, room in looks:
-            room = min(room, self._concurrency - len(self._inflight))
+        busy = collections.Counter(upstream for upstream, _ in self._inflight.values())
+        first = self._turn % max(1, len(self._upstreams))
+        self._turn = first + 1
+        short: list[str] = []
+        for upstream in self._upstreams[first:] + self._upstreams[:first]:
+            room = min(self._share - busy[upstream], self._concurrency - len(self._inflight))
             if room <= 0:
-                return True
-            items = await self._store.due_outbox(now, upstreams, room, exclude=set(self._inflight))
-            more = more or len(items) >= room
+                continue
+            items = await self._store.due_outbox(now, (upstream,), room, exclude=set(self._inflight))
+            if len(items) < room:
+                short.append(upstream)
             for item in items:
                 if item.outbox_id in self._inflight or item.outbox_id in self._finished_since_query:
                     continue  # finished while the query ran: its answer may predate that commit
-                self._busy[item.upstream] += 1
                 task = asyncio.create_task(self._attempt(item), name=f"relay-forward-{item.outbox_id}")
-                self._inflight[item.outbox_id] = task
-        return more
+                self._inflight[item.outbox_id] = (upstream, task)
+        return tuple(short)
 
     async def _attempt(self, item: OutboxItem) -> None:
         try:
@@ -154,7 +152,6 @@ class Forwarder:
             log.exception("delivery %s to %s: forwarding failed unexpectedly", item.delivery_id, item.upstream)
             await asyncio.sleep(STORE_RETRY_SECONDS)
         finally:
-            self._busy[item.upstream] -= 1
             self._inflight.pop(item.outbox_id, None)
             self._finished_since_query.add(item.outbox_id)
             self.wake()

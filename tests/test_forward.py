@@ -487,6 +487,45 @@ async def test_a_hanging_upstream_does_not_hold_back_another_upstreams_deliverie
         release.set()  # let the hung attempts finish so the relay stops promptly
 
 
+async def test_a_due_retry_goes_out_while_a_hanging_upstream_refills_its_share(
+    relay_factory, upstream_factory, http, database
+):
+    # up0 answers its first 32 requests once `gate` opens and hangs on the rest; up1 answers its
+    # first request 500 (retried about 6 s later) and the rest 200. When the gate opens, each of
+    # up0's answers frees a slot that its backlog refills with a hanging attempt; up1's retry,
+    # due meanwhile, must still go out on time, not when up0's attempts time out (30 s).
+    gate, release = asyncio.Event(), asyncio.Event()
+
+    async def gated(request: web.Request) -> web.Response:
+        await (gate if len(stuck.received) <= 32 else release).wait()
+        return web.Response(status=200)
+
+    stuck = await upstream_factory(then=gated)
+    flaky = await upstream_factory(script=[500], then=200)
+    relay = await relay_factory(
+        make_config(
+            database,
+            upstreams=[
+                {"url": stuck.url, "timeout_seconds": 30},
+                {"url": flaky.url, "retry_base_seconds": 6, "retry_max_seconds": 6},
+            ],
+        )
+    )
+    try:
+        for i in range(80):
+            body = lifecycle_bodies(f"predretry{i}")[-1]
+            await ingest(http, relay, body, signed(body))
+        await wait_until(lambda: len(flaky.received) >= 80 and len(stuck.received) >= 32)
+        retried = relay_id(flaky.received[0])
+        assert (await forwarding(relay, retried, "up1")).attempts_made == 1  # its retry is not due yet
+        gate.set()
+        await wait_until(lambda: len(stuck.received) >= 64)  # up0's share is full again, of hanging attempts
+        await wait_state(relay, retried, "delivered", "up1", timeout=15.0)
+    finally:
+        gate.set()
+        release.set()  # let the hung attempts finish so the relay stops promptly
+
+
 async def test_unordered_upstream_does_not_hold_later_events_back(relay_factory, upstream_factory, http, database):
     release = asyncio.Event()
     upstream = PredictionAwareUpstream(lambda pred, status, tries: status == "starting" and not release.is_set())
