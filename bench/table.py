@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,30 @@ def megabytes(value: float | None) -> float | None:
 
 def rounds(samples: dict[str, list[float]], key: str, spec: str = ".1f") -> str:
     return ", ".join(fmt(v, spec) for v in samples.get(key, [])) or "—"
+
+
+def per_round(samples: dict[str, list[float]], key: str, of: str) -> list[float]:
+    """Each round's ratio of two figures (rounds run minutes apart, on the machine as it was then)."""
+    return [a / b for a, b in zip(samples.get(key, []), samples.get(of, []), strict=False) if b]
+
+
+def floor_bound(result: dict[str, Any]) -> list[float]:
+    """Per round: the most deliveries a second the floor's CPU per delivery (its two processes and
+    the sink; wrk left out) allows on all of the machine's cores, as a fraction of the ceiling."""
+    s: dict[str, list[float]] = result["samples"]
+    parts = [s.get(f"floor.cpu_us.{part}", []) for part in ("ingest", "forwarder", "sink")]
+    ceilings = s.get("ceiling.ingest_rate", [])
+    rounds_seen = min([len(ceilings), *(len(p) for p in parts)])
+    cores = result["machine"]["cpus"]
+    return [cores * 1e6 / sum(p[i] for p in parts) / ceilings[i] for i in range(rounds_seen)]
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def listed(values: list[float]) -> str:
+    return ", ".join(fmt(v, ".2f") for v in values) or "—"
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -66,11 +91,14 @@ def markdown(result: dict[str, Any]) -> str:
         f"* relay / ceiling **{fmt(get('relay/ceiling'), '.2f')}** (ingest on each server's own clock: "
         f"{fmt(get('relay.ingest_rate'))} against {fmt(get('ceiling.ingest_rate'))}/s; ratios are medians of the "
         f"rounds' ratios); relay / mitmdump **{fmt(get('relay/peer'), '.1f')}×** (wrk's figures).",
-        f"* The floor (`bench/floor.py`) reaches **{fmt(get('floor/ceiling'), '.2f')}** of the ceiling, forwarding "
+        f"* The floor (`bench/floor.py`) reaches **{fmt(get('floor/ceiling'), '.2f')}** of the ceiling (per round: "
+        f"{listed(per_round(s, 'floor.ingest_rate', 'ceiling.ingest_rate'))}), forwarding "
         f"{fmt(get('floor.drain_rate'))}/s against an ingest of {fmt(get('floor.ingest_rate'))}/s, at "
         f"{fmt(get('floor.cpu_us.ingest'))} µs (ingest process) + {fmt(get('floor.cpu_us.forwarder'))} µs "
         f"(forwarder) + {fmt(get('floor.cpu_us.sink'))} µs (sink) + {fmt(get('floor.cpu_us.wrk'))} µs (wrk) of CPU "
-        f"per delivery; the relay reaches **{fmt(get('relay/floor'), '.2f')}** of the floor "
+        f"per delivery. With both cores its own and wrk costing nothing, that CPU would carry at most "
+        f"**{fmt(median(floor_bound(result)), '.2f')}** of the ceiling (per round: {listed(floor_bound(result))}). "
+        f"The relay reaches **{fmt(get('relay/floor'), '.2f')}** of the floor "
         f"(per round: floor req/s {rounds(s, 'floor.rps', ',.0f')}).",
         f"* Forwarding at saturation: **{fmt(get('relay.drain_rate'))} deliveries/s** reached the sink against an "
         f"ingest of **{fmt(get('relay.ingest_rate'))}/s**. PostgreSQL: {fmt(get('pg1.drain_rate'))}/s against "
