@@ -27,16 +27,10 @@ async def count(request: web.Request) -> web.Response:
     return web.json_response(request.app[COUNTER])
 
 
-async def reset(request: web.Request) -> web.Response:
-    request.app[COUNTER].update(count=0, first=None, last=None)
-    return web.json_response(request.app[COUNTER])
-
-
 def main() -> None:
     app = web.Application()
     app[COUNTER] = {"count": 0, "first": None, "last": None}
     app.router.add_get("/count", count)
-    app.router.add_post("/reset", reset)
     app.router.add_route("*", "/{tail:.*}", handle)
     web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
 

@@ -1,6 +1,6 @@
 """The floor: the least work a durable verify-store-forward relay must do, with nothing else.
 
-    python3 bench/floor.py PORT SINK_PORT DATABASE   # SINK_PORT 0: store only, no forwarder
+    python3 bench/floor.py PORT SINK_PORT DATABASE SECRET   # SINK_PORT 0: store only, no forwarder
 
 Issue 5 asks the relay for half the ceiling's rate. This program answers whether
 that is possible at all on the benchmark's machine with the project's stack
@@ -15,8 +15,9 @@ It does exactly what every webhook needs, in the cheapest way we know:
   each to the sink over 32 keep-alive connections, and record an attempt and
   the outbox state per row, one transaction per batch.
 
-It commits the way the relay does (``relay.writer``: the write lock polled for,
-multi-row INSERTs; ``relay.checkpoint``: the log copied off the commit path).
+It commits the way the relay does (``relay.sqlite_store.open_writer``: the
+relay's write connection and schema; ``relay.writer``: the write lock polled
+for, multi-row INSERTs; ``relay.checkpoint``: the log copied off the commit path).
 Everything else the relay does is left out: the full-text index, duplicate
 detection, the timestamp tolerance, refusing bad signatures (it forwards them
 too), retries and their policy, per-prediction ordering, response capture,
@@ -50,16 +51,13 @@ from aiohttp import web  # noqa: E402
 
 from relay.checkpoint import Checkpointer  # noqa: E402
 from relay.runtime import event_loop_factory  # noqa: E402
-from relay.schema import MIGRATIONS, PRAGMAS, split_statements  # noqa: E402
-from relay.sqlite_store import WAL_SIZE_LIMIT  # noqa: E402
+from relay.sqlite_store import open_writer  # noqa: E402
 from relay.verify import decode_secret  # noqa: E402
 from relay.writer import begin_immediate, execute_rows  # noqa: E402
 
 CHECKPOINTER = web.AppKey("checkpointer", Checkpointer)
 Waiting = tuple[tuple[Any, ...], asyncio.Future[None]]  # a delivery's row and its request's wait for the commit
 
-SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # bench/run.py signs with this
-KEY = decode_secret(SECRET)
 CONNECTIONS = 32
 BATCH = 256
 BUSY_SECONDS = 5.0
@@ -78,16 +76,6 @@ INSERT_ATTEMPT = (
 )
 
 
-def connect(path: str) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    for pragma in PRAGMAS:  # WAL, synchronous = FULL: the relay's durability
-        conn.execute(pragma)
-    conn.execute("PRAGMA busy_timeout = 0")  # begin_immediate polls for the lock, as the relay's writers do
-    conn.execute("PRAGMA wal_autocheckpoint = 0")  # the Checkpointer copies the log
-    conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
-    return conn
-
-
 def transaction(conn: sqlite3.Connection, statements: Sequence[tuple[str, Sequence[Sequence[Any]]]]) -> None:
     """One transaction, as the relay's writer runs a batch: rolled back whole if any part fails."""
     begin_immediate(conn, BUSY_SECONDS)
@@ -100,22 +88,12 @@ def transaction(conn: sqlite3.Connection, statements: Sequence[tuple[str, Sequen
         raise
 
 
-def create(path: str) -> None:
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # as the relay's new databases (before the first table)
-    for pragma in PRAGMAS:
-        conn.execute(pragma)
-    for migration in MIGRATIONS:
-        for statement in split_statements(migration):
-            conn.execute(statement)
-    conn.close()
-
-
 class Ingest:
     """Group commit: requests that arrive while a transaction commits go into the next one."""
 
-    def __init__(self, path: str, forwarding: bool, checkpointer: Checkpointer) -> None:
-        self.conn = connect(path)
+    def __init__(self, conn: sqlite3.Connection, key: bytes, forwarding: bool, checkpointer: Checkpointer) -> None:
+        self.conn = conn
+        self.key = key
         self.checkpointer = checkpointer
         self.thread = ThreadPoolExecutor(1)
         self.forwarding = forwarding
@@ -129,7 +107,7 @@ class Ingest:
         msg_id = headers.get("webhook-id", "")
         timestamp = headers.get("webhook-timestamp", "")
         signed = msg_id.encode() + b"." + timestamp.encode() + b"." + body
-        expected = base64.b64encode(hmac.digest(KEY, signed, "sha256")).decode()
+        expected = base64.b64encode(hmac.digest(self.key, signed, "sha256")).decode()
         offered = (entry.partition(",")[2] for entry in headers.get("webhook-signature", "").split())
         verified = any(hmac.compare_digest(candidate, expected) for candidate in offered)
         document = json.loads(body)
@@ -227,7 +205,7 @@ class Upstream(asyncio.Protocol):
 
 
 async def forward(path: str, sink_port: int, parent: int) -> None:
-    conn = connect(path)
+    conn = open_writer(path)  # the relay's write connection: its pragmas, its lock polling
     loop = asyncio.get_running_loop()
     upstreams = [(await loop.create_connection(Upstream, "127.0.0.1", sink_port))[1] for _ in range(CONNECTIONS)]
     after = 0
@@ -281,13 +259,13 @@ async def checkpoints(app: web.Application) -> AsyncIterator[None]:
 
 
 def main() -> None:
-    port, sink_port, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-    create(path)
+    port, sink_port, path, secret = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    conn = open_writer(path)  # creates the relay's schema, before the forwarder opens the file
     if sink_port:
         args = (path, sink_port, os.getpid())
         multiprocessing.get_context("spawn").Process(target=forwarder_main, args=args, daemon=True).start()
     checkpointer = Checkpointer(path)
-    ingest = Ingest(path, bool(sink_port), checkpointer)
+    ingest = Ingest(conn, decode_secret(secret), bool(sink_port), checkpointer)
     app = web.Application()
     app[CHECKPOINTER] = checkpointer
     app.cleanup_ctx.append(checkpoints)

@@ -41,7 +41,7 @@ from relay.lifecycle import encode, prediction_lifecycle  # noqa: E402
 from relay.verify import decode_secret, sign  # noqa: E402
 
 from proctree import child_pids, forwarder_pids  # noqa: E402
-from table import markdown  # noqa: E402
+from table import markdown, median, per_round  # noqa: E402
 
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
@@ -225,15 +225,11 @@ class Samples:
         self.values.setdefault(key, []).append(value)
 
     def median(self, key: str) -> float | None:
-        found = self.values.get(key)
-        return statistics.median(found) if found else None
+        return median(self.values.get(key, []))
 
     def ratio(self, key: str, of: str) -> float | None:
-        """The median of the per-round ratios: each round's pair ran minutes apart, on the machine as it was then."""
-        tops, bottoms = self.values.get(key, []), self.values.get(of, [])
-        if not tops or len(tops) != len(bottoms) or not all(bottoms):
-            return None
-        return statistics.median(top / bottom for top, bottom in zip(tops, bottoms, strict=True))
+        """The median of the per-round ratios (see ``table.per_round``)."""
+        return median(per_round(self.values, key, of))
 
 
 def relay_config(
@@ -377,7 +373,7 @@ def run_round(
         remove_database(work / "floor.db")
         reset_sink(sink)
         port = free_port()
-        args = [sys.executable, str(BENCH / "floor.py"), str(port), str(sink_port), str(work / "floor.db")]
+        args = [sys.executable, str(BENCH / "floor.py"), str(port), str(sink_port), str(work / "floor.db"), SECRET]
         with process(args, f"http://127.0.0.1:{port}/healthz", log=work / "floor.log") as floor:
             parts = {"ingest": floor.pid, "forwarder": forwarder_pid(floor.pid), "sink": sink_proc.pid}
             with cpu_meter(parts) as used:

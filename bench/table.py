@@ -39,8 +39,12 @@ def rounds(samples: dict[str, list[float]], key: str, spec: str = ".1f") -> str:
 
 
 def per_round(samples: dict[str, list[float]], key: str, of: str) -> list[float]:
-    """Each round's ratio of two figures (rounds run minutes apart, on the machine as it was then)."""
-    return [a / b for a, b in zip(samples.get(key, []), samples.get(of, []), strict=False) if b]
+    """Each round's ratio of two figures (rounds run minutes apart, on the machine as it was then);
+    none unless both were measured in every round."""
+    tops, bottoms = samples.get(key, []), samples.get(of, [])
+    if len(tops) != len(bottoms) or not all(bottoms):
+        return []
+    return [top / bottom for top, bottom in zip(tops, bottoms, strict=True)]
 
 
 def floor_bound(result: dict[str, Any]) -> list[float]:

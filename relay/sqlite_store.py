@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 __all__ = ["SqliteStore"]
 
 BUSY_TIMEOUT_SECONDS = 5.0
-FTS_MERGE_PAGES = 32  # index pages merged in one step of tidy_index (_open_writer says why)
+FTS_MERGE_PAGES = 32  # index pages merged in one step of tidy_index (open_writer says why)
 MAX_TIDY_STEPS = 10_000  # a bound, not an expectation: merging stops when there is nothing left
 _FTS_MERGE = "INSERT INTO deliveries_fts (deliveries_fts, rank) VALUES ('merge', ?)"
 WAL_SIZE_LIMIT = 64 * 1024 * 1024  # the log file is cut back to this when it starts over
@@ -112,7 +112,7 @@ def _migrate(conn: sqlite3.Connection) -> None:
             raise
 
 
-def _open_writer(path: str) -> sqlite3.Connection:
+def open_writer(path: str) -> sqlite3.Connection:
     """The write connection, opened and migrated on the writer thread that will own it."""
     conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_SECONDS, check_same_thread=False)
     try:
@@ -176,7 +176,7 @@ class SqliteStore(SqlReads):
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-writer")
         loop = asyncio.get_running_loop()
         try:
-            wconn = await loop.run_in_executor(executor, _open_writer, path)
+            wconn = await loop.run_in_executor(executor, open_writer, path)
         except BaseException:
             executor.shutdown(wait=False)
             raise
